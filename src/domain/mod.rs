@@ -1,0 +1,6 @@
+//! Types of the business domain. Request-facing types parse and cannot hold invalid values;
+//! records are the plain data the store keeps.
+
+pub mod account;
+pub mod ids;
+pub mod phone;

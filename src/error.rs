@@ -1,0 +1,162 @@
+//! One error type for the HTTP API and its JSON envelope: `{"error": "...", "code": "..."}`.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::store::StoreError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// Extra fields merged into the body (Meta's code on a 502, for example).
+    pub details: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: &'a str,
+    code: &'a str,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized")
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
+    pub fn account_not_found(account_id: &str) -> Self {
+        Self::not_found(
+            "account_not_found",
+            format!("no account {account_id:?} is visible to this key"),
+        )
+    }
+
+    /// A failure that is ours, not the caller's: the cause is logged once, the body is opaque.
+    pub fn internal(error: &(dyn std::error::Error + 'static)) -> Self {
+        tracing::error!(error = %error_chain(error), "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "internal error; the details are in the server log",
+        )
+    }
+}
+
+/// Renders an error with all its sources: `outer: inner: innermost`.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let envelope = Envelope {
+            error: &self.message,
+            code: self.code,
+        };
+        let mut body = serde_json::to_value(envelope).expect("an envelope serialises");
+        if let (Some(serde_json::Value::Object(extra)), serde_json::Value::Object(map)) =
+            (&self.details, &mut body)
+        {
+            for (key, value) in extra {
+                map.entry(key.clone()).or_insert(value.clone());
+            }
+        }
+        HttpResponse::build(self.status).json(body)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Conflict(message) => Self::new(StatusCode::CONFLICT, "conflict", message),
+            StoreError::Flush(_) | StoreError::Sled(_) | StoreError::TaskGone => {
+                tracing::error!(error = %error_chain(&error), "store unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the store could not save the request; nothing was acknowledged, retry later",
+                )
+            }
+            other => Self::internal(&other),
+        }
+    }
+}
+
+/// The envelope for errors produced by actix itself (unknown routes, oversized or unreadable
+/// bodies, bad query strings) so that every 4xx/5xx has the same shape.
+pub fn envelope_for_status(status: StatusCode, detail: Option<String>) -> ApiError {
+    let (code, message) = match status {
+        StatusCode::NOT_FOUND => ("not_found", "no such route".to_string()),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "this route does not accept that method".to_string(),
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "payload_too_large",
+            "the request body is larger than this route accepts".to_string(),
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            "unsupported_media_type",
+            "send the body as application/json".to_string(),
+        ),
+        status if status.is_server_error() => (
+            "internal_error",
+            "internal error; the details are in the server log".to_string(),
+        ),
+        _ => ("bad_request", "the request could not be read".to_string()),
+    };
+    let message = match detail {
+        Some(detail) if !status.is_server_error() => format!("{message}: {detail}"),
+        _ => message,
+    };
+    ApiError::new(status, code, message)
+}

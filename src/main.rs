@@ -1,0 +1,26 @@
+use clap::Parser;
+
+use ctwa_relay::cli::{self, Cli, Command};
+use ctwa_relay::settings::Settings;
+use ctwa_relay::startup::Application;
+use ctwa_relay::telemetry;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        None | Some(Command::Serve) => serve(cli.config).await,
+        Some(command) => cli::run_admin(command).await,
+    }
+}
+
+async fn serve(config: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let settings = Settings::load(config.as_deref())?;
+    telemetry::init(settings.log_format);
+    for feature in settings.disabled_features() {
+        tracing::warn!("{feature}");
+    }
+    let application = Application::build(settings).await?;
+    tracing::info!("listening on http://{}", application.address());
+    application.run_until_stopped().await
+}

@@ -1,0 +1,202 @@
+//! Building the application: the store, the state, the routes and their limits, the listener.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::dev::Server;
+use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
+use actix_web::middleware::from_fn;
+use actix_web::{web, App, HttpRequest, HttpServer};
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::routes;
+use crate::settings::Settings;
+use crate::store::Store;
+use crate::telemetry;
+
+/// Meta sends webhook bodies of up to 3 MB.
+pub const WEBHOOK_BODY_LIMIT: usize = 4 * 1024 * 1024;
+
+/// Everything handlers share.
+pub struct AppState {
+    pub settings: Settings,
+    pub store: Store,
+    pub metrics: Metrics,
+    pub clock: Clock,
+}
+
+pub struct Application {
+    address: std::net::SocketAddr,
+    server: Server,
+    state: web::Data<AppState>,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_with_clock(settings, Clock::system()).await
+    }
+
+    /// Like [`Application::build`] with a chosen clock (tests move time forward with it).
+    pub async fn build_with_clock(settings: Settings, clock: Clock) -> anyhow::Result<Self> {
+        let data_dir = settings.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+            .await
+            .context("the store task panicked")?
+            .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
+        let listener = TcpListener::bind(&settings.listen)
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let address = listener.local_addr()?;
+        let workers = match settings.workers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        let api_body_limit = settings.api_body_limit;
+        let state = web::Data::new(AppState {
+            settings,
+            store,
+            metrics: Metrics::default(),
+            clock,
+        });
+        let shutdown = CancellationToken::new();
+        let server_state = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(server_state.clone())
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(api_body_limit)
+                        .error_handler(json_error),
+                )
+                .app_data(web::QueryConfig::default().error_handler(query_error))
+                .app_data(web::PathConfig::default().error_handler(path_error))
+                .wrap(from_fn(telemetry::request_context))
+                .configure(configure_routes)
+        })
+        .workers(workers)
+        .shutdown_timeout(30)
+        .listen(listener)?
+        .run();
+        Ok(Self {
+            address,
+            server,
+            state,
+            shutdown,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address.port()
+    }
+
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.address
+    }
+
+    /// Shared state, for tests that inspect the store or metrics directly.
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone().into_inner()
+    }
+
+    /// Serves until SIGTERM or SIGINT: actix drains in-flight requests, then background work is
+    /// stopped and the store flushed one last time.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let served = self.server.await;
+        self.shutdown.cancel();
+        let store = self.state.store.clone();
+        tokio::task::spawn_blocking(move || store.flush_blocking())
+            .await
+            .context("the final flush panicked")?
+            .context("the final flush failed")?;
+        tracing::info!("stopped; the store is flushed");
+        served.context("the HTTP server failed")
+    }
+}
+
+pub fn configure_routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/healthz", web::get().to(routes::health::healthz))
+        .route("/readyz", web::get().to(routes::health::readyz))
+        .route("/metrics", web::get().to(routes::health::metrics))
+        .service(
+            web::resource("/webhooks/whatsapp")
+                .app_data(web::PayloadConfig::new(WEBHOOK_BODY_LIMIT))
+                .route(web::get().to(routes::webhook::handshake))
+                .route(web::post().to(routes::webhook::receive)),
+        )
+        .service(
+            web::scope("/v1")
+                .service(
+                    web::resource("/admin/accounts")
+                        .route(web::get().to(routes::admin::list_accounts))
+                        .route(web::post().to(routes::admin::create_account)),
+                )
+                .service(
+                    web::resource("/admin/accounts/{id}")
+                        .route(web::get().to(routes::admin::get_account))
+                        .route(web::patch().to(routes::admin::update_account))
+                        .route(web::delete().to(routes::admin::delete_account)),
+                )
+                .service(
+                    web::resource("/admin/api-keys")
+                        .route(web::get().to(routes::admin::list_keys))
+                        .route(web::post().to(routes::admin::create_key)),
+                )
+                .service(
+                    web::resource("/admin/api-keys/{id}")
+                        .route(web::delete().to(routes::admin::revoke_key)),
+                )
+                .route(
+                    "/whatsapp/attribution",
+                    web::get().to(routes::attribution::attribution),
+                )
+                .route(
+                    "/whatsapp/conversations/{id}",
+                    web::get().to(routes::attribution::conversation),
+                ),
+        )
+        .default_service(web::to(routes::health::not_found));
+}
+
+fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
+    let api_error = match &error {
+        JsonPayloadError::Overflow { limit } | JsonPayloadError::OverflowKnownLength { limit, .. } => {
+            ApiError::new(
+                actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the JSON body is larger than {limit} bytes"),
+            )
+        }
+        JsonPayloadError::ContentType => ApiError::new(
+            actix_web::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body with Content-Type: application/json",
+        ),
+        JsonPayloadError::Deserialize(inner) if inner.is_data() => {
+            let message = inner.to_string();
+            let code = if message.starts_with("missing field") {
+                "missing_field"
+            } else {
+                "invalid_field"
+            };
+            ApiError::bad_request(code, message)
+        }
+        JsonPayloadError::Deserialize(inner) => {
+            ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {inner}"))
+        }
+        other => ApiError::bad_request("unreadable_body", other.to_string()),
+    };
+    api_error.into()
+}
+
+fn query_error(error: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
+    ApiError::bad_request("invalid_query", error.to_string()).into()
+}
+
+fn path_error(error: PathError, _: &HttpRequest) -> actix_web::Error {
+    ApiError::bad_request("invalid_path", error.to_string()).into()
+}

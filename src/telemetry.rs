@@ -1,0 +1,125 @@
+//! Logging, request ids, per-route latency and the error envelope for responses actix makes.
+
+use std::time::Instant;
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{web, ResponseError};
+use tracing::Instrument;
+use tracing_subscriber::EnvFilter;
+
+use crate::error::envelope_for_status;
+use crate::settings::LogFormat;
+use crate::startup::AppState;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Installs the global tracing subscriber. `RUST_LOG` overrides the default filter.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sled=warn,actix_server=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Phone numbers in logs show their first three and last two digits only.
+pub fn mask_phone(phone: &str) -> String {
+    if phone.len() <= 5 {
+        return "*".repeat(phone.len());
+    }
+    let (head, rest) = phone.split_at(3);
+    let tail = &rest[rest.len() - 2..];
+    format!("{head}{}{tail}", "*".repeat(rest.len() - 2))
+}
+
+fn valid_request_id(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// Middleware: gives every request an id (reusing a valid incoming `X-Request-Id`), a tracing
+/// span, a latency observation under its route pattern, and turns any bodiless error response
+/// made by actix itself (unknown route, wrong method, oversized body) into the JSON envelope.
+pub async fn request_context(
+    request: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| valid_request_id(value))
+        .map(str::to_string)
+        .unwrap_or_else(|| hex::encode(rand::random::<[u8; 12]>()));
+    let state = request.app_data::<web::Data<AppState>>().cloned();
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method = %request.method(),
+        path = %request.path(),
+    );
+    let started = Instant::now();
+    let response = next.call(request).instrument(span.clone()).await?;
+    let elapsed = started.elapsed();
+    let status = response.status();
+    let route = response
+        .request()
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_string());
+    if let Some(state) = &state {
+        state.metrics.observe_request(&route, elapsed);
+    }
+    let _entered = span.enter();
+    if status.is_server_error() {
+        tracing::warn!(status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request failed");
+    } else {
+        tracing::debug!(status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request served");
+    }
+
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    let mut response = if status.as_u16() >= 400 && !is_json {
+        let detail = response.response().error().map(|error| error.to_string());
+        let (request, _) = response.into_parts();
+        let replacement = envelope_for_status(status, detail).error_response();
+        ServiceResponse::new(request, replacement)
+    } else {
+        response.map_into_boxed_body()
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phones_are_masked() {
+        assert_eq!(mask_phone("16505551234"), "165******34");
+        assert_eq!(mask_phone("123"), "***");
+    }
+
+    #[test]
+    fn request_ids_are_checked() {
+        assert!(valid_request_id("abc-123_x.y"));
+        assert!(!valid_request_id(""));
+        assert!(!valid_request_id("has space"));
+        assert!(!valid_request_id(&"a".repeat(129)));
+    }
+}
