@@ -57,6 +57,10 @@ pub struct Settings {
     pub delivery_budget: Duration,
     /// How often the outbox worker looks for due conversions.
     pub outbox_poll_interval: Duration,
+    /// The outbox waits this long after the first failed attempt, doubling each time…
+    pub outbox_backoff_base: Duration,
+    /// …up to this.
+    pub outbox_backoff_max: Duration,
 }
 
 impl Default for Settings {
@@ -78,6 +82,8 @@ impl Default for Settings {
             graph_timeout: Duration::from_millis(1500),
             delivery_budget: Duration::from_secs(5),
             outbox_poll_interval: Duration::from_secs(5),
+            outbox_backoff_base: Duration::from_secs(30),
+            outbox_backoff_max: Duration::from_secs(3600),
         }
     }
 }
@@ -115,6 +121,8 @@ struct FileSettings {
     graph_timeout_ms: Option<u64>,
     delivery_budget_ms: Option<u64>,
     outbox_poll_interval_ms: Option<u64>,
+    outbox_backoff_base_ms: Option<u64>,
+    outbox_backoff_max_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,6 +234,12 @@ impl Settings {
         if let Some(value) = file.outbox_poll_interval_ms {
             self.outbox_poll_interval = Duration::from_millis(value);
         }
+        if let Some(value) = file.outbox_backoff_base_ms {
+            self.outbox_backoff_base = Duration::from_millis(value);
+        }
+        if let Some(value) = file.outbox_backoff_max_ms {
+            self.outbox_backoff_max = Duration::from_millis(value);
+        }
         Ok(())
     }
 
@@ -280,6 +294,14 @@ impl Settings {
         if let Some(value) = env("CTWA_OUTBOX_POLL_INTERVAL_MS") {
             self.outbox_poll_interval =
                 Duration::from_millis(parse_number("CTWA_OUTBOX_POLL_INTERVAL_MS", &value)?);
+        }
+        if let Some(value) = env("CTWA_OUTBOX_BACKOFF_BASE_MS") {
+            self.outbox_backoff_base =
+                Duration::from_millis(parse_number("CTWA_OUTBOX_BACKOFF_BASE_MS", &value)?);
+        }
+        if let Some(value) = env("CTWA_OUTBOX_BACKOFF_MAX_MS") {
+            self.outbox_backoff_max =
+                Duration::from_millis(parse_number("CTWA_OUTBOX_BACKOFF_MAX_MS", &value)?);
         }
         Ok(())
     }
@@ -364,6 +386,12 @@ impl Settings {
             return Err(SettingsError::Invalid {
                 key: "CTWA_OUTBOX_POLL_INTERVAL_MS",
                 message: "must be greater than zero".into(),
+            });
+        }
+        if self.outbox_backoff_base.is_zero() || self.outbox_backoff_max < self.outbox_backoff_base {
+            return Err(SettingsError::Invalid {
+                key: "CTWA_OUTBOX_BACKOFF_BASE_MS",
+                message: "must be greater than zero and not above CTWA_OUTBOX_BACKOFF_MAX_MS".into(),
             });
         }
         Ok(())

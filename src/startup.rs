@@ -11,7 +11,9 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
+use crate::conversions::outbox;
 use crate::error::ApiError;
+use crate::graph::GraphClient;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::settings::Settings;
@@ -27,6 +29,9 @@ pub struct AppState {
     pub store: Store,
     pub metrics: Metrics,
     pub clock: Clock,
+    pub graph: GraphClient,
+    /// Wakes the outbox worker before its next poll.
+    pub outbox_wakeup: tokio::sync::Notify,
 }
 
 pub struct Application {
@@ -34,6 +39,7 @@ pub struct Application {
     server: Server,
     state: web::Data<AppState>,
     shutdown: CancellationToken,
+    outbox_worker: tokio::task::JoinHandle<()>,
 }
 
 impl Application {
@@ -56,13 +62,17 @@ impl Application {
             n => n,
         };
         let api_body_limit = settings.api_body_limit;
+        let graph = GraphClient::new(&settings).context("cannot build the Graph API client")?;
         let state = web::Data::new(AppState {
             settings,
             store,
             metrics: Metrics::default(),
             clock,
+            graph,
+            outbox_wakeup: tokio::sync::Notify::new(),
         });
         let shutdown = CancellationToken::new();
+        let outbox_worker = tokio::spawn(outbox::run(state.clone().into_inner(), shutdown.clone()));
         let server_state = state.clone();
         let server = HttpServer::new(move || {
             App::new()
@@ -86,6 +96,7 @@ impl Application {
             server,
             state,
             shutdown,
+            outbox_worker,
         })
     }
 
@@ -107,6 +118,9 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let served = self.server.await;
         self.shutdown.cancel();
+        if let Err(error) = self.outbox_worker.await {
+            tracing::error!(%error, "the outbox worker panicked");
+        }
         let store = self.state.store.clone();
         tokio::task::spawn_blocking(move || store.flush_blocking())
             .await
@@ -153,6 +167,16 @@ pub fn configure_routes(config: &mut web::ServiceConfig) {
                 .route(
                     "/whatsapp/attribution",
                     web::get().to(routes::attribution::attribution),
+                )
+                .service(
+                    web::resource("/whatsapp/conversions")
+                        .route(web::get().to(routes::conversions::history))
+                        .route(web::post().to(routes::conversions::send)),
+                )
+                .service(
+                    web::resource("/whatsapp/dataset")
+                        .route(web::get().to(routes::conversions::get_dataset))
+                        .route(web::post().to(routes::conversions::provision_dataset)),
                 )
                 .route(
                     "/whatsapp/conversations/{id}",

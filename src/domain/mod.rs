@@ -2,5 +2,6 @@
 //! records are the plain data the store keeps.
 
 pub mod account;
+pub mod conversion;
 pub mod ids;
 pub mod phone;

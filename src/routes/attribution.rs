@@ -149,7 +149,10 @@ pub async fn attribution(
     for (user, conversations) in &results {
         let mut views = Vec::with_capacity(conversations.len());
         for conversation in conversations {
-            views.push(conversation_view(conversation, Some(user)));
+            let mut view = conversation_view(conversation, Some(user));
+            view["recentConversions"] =
+                crate::routes::conversions::recent_for_conversation(&state, &conversation.id).await?;
+            views.push(view);
         }
         rendered.push(json!({
             "accountId": user.account_id,
@@ -181,5 +184,8 @@ pub async fn conversation(
         .store
         .user(conversation.account_id.clone(), conversation.user_key.clone())
         .await?;
-    Ok(HttpResponse::Ok().json(conversation_view(&conversation, user.as_ref())))
+    let mut view = conversation_view(&conversation, user.as_ref());
+    view["recentConversions"] =
+        crate::routes::conversions::recent_for_conversation(&state, &conversation.id).await?;
+    Ok(HttpResponse::Ok().json(view))
 }

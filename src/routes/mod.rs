@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod attribution;
+pub mod conversions;
 pub mod health;
 pub mod webhook;
 

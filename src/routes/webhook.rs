@@ -34,7 +34,7 @@ pub async fn receive(
     VerifiedWebhook(body): VerifiedWebhook,
 ) -> Result<HttpResponse, ApiError> {
     let received_at = state.clock.now_secs();
-    let report = state
+    let mut report = state
         .store
         .record_webhook(
             body,
@@ -43,6 +43,10 @@ pub async fn receive(
             state.settings.attribution_window_secs(),
         )
         .await?;
+    let matched = std::mem::take(&mut report.matched_automatic_events);
+    if !matched.is_empty() {
+        crate::conversions::forward_automatic_events(&state, matched).await?;
+    }
     state.store.durable().await?;
     state.metrics.webhook_ingested(&report);
     if report.unparseable {

@@ -7,6 +7,7 @@
 //! flushes are awaited at once (spacejam/sled#1241).
 
 mod accounts;
+mod conversions;
 mod ingest;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::domain::account::{Account, ApiKey};
 
+pub use conversions::{Begin, ConversionFailure, ConversionRecord, ConversionSource, ConversionStatus};
 pub use ingest::{IngestReport, UserRecord, WebhookParser};
 
 /// The on-disk layout this build reads and writes. Bump it with a migration when key encodings

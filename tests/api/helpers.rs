@@ -61,6 +61,8 @@ pub fn test_settings(data_dir: &Path, graph_url: &str) -> Settings {
         graph_timeout: Duration::from_millis(500),
         delivery_budget: Duration::from_millis(600),
         outbox_poll_interval: Duration::from_millis(50),
+        outbox_backoff_base: Duration::from_millis(100),
+        outbox_backoff_max: Duration::from_millis(400),
         ..Settings::default()
     }
 }
@@ -307,4 +309,45 @@ pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
         let (name, value) = line.rsplit_once(' ')?;
         (name == series).then(|| value.parse().ok())?
     })
+}
+
+/// The same webhook addressed to another business number: every change's
+/// `value.metadata.phone_number_id` is replaced.
+pub fn for_phone_number_id(mut webhook: Value, phone_number_id: &str) -> Value {
+    for entry in webhook["entry"].as_array_mut().into_iter().flatten() {
+        for change in entry["changes"].as_array_mut().into_iter().flatten() {
+            change["value"]["metadata"]["phone_number_id"] = json!(phone_number_id);
+        }
+    }
+    webhook
+}
+
+impl TestApp {
+    /// Registers an account with the given id and business number (and a dataset).
+    pub async fn register_account(&self, id: &str, phone_number_id: &str) -> Value {
+        let response = self
+            .admin_post(
+                "/v1/admin/accounts",
+                &json!({
+                    "id": id,
+                    "name": format!("Shop {id}"),
+                    "phoneNumberId": phone_number_id,
+                    "wabaId": SAMPLE_WABA_ID,
+                    "accessToken": ACCESS_TOKEN,
+                    "metadata": {"metaCapiDatasetId": SAMPLE_DATASET_ID}
+                }),
+            )
+            .await;
+        assert_eq!(response.status(), 201, "registering account {id}");
+        response.json().await.unwrap()
+    }
+
+    /// `GET /v1/whatsapp/conversations/{id}` with the admin token.
+    pub async fn conversation(&self, id: &str) -> Value {
+        let response = self
+            .get(&format!("/v1/whatsapp/conversations/{id}"), Some(ADMIN_TOKEN))
+            .await;
+        assert_eq!(response.status(), 200, "conversation {id}");
+        response.json().await.unwrap()
+    }
 }

@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod conversions;
 mod health;
 mod webhook_handshake;
 mod webhook_signature;

@@ -1,0 +1,385 @@
+//! `POST /v1/whatsapp/conversions` (Zernio-compatible), its history, and dataset provisioning.
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::attribution::Conversation;
+use crate::auth::Caller;
+use crate::conversions::payload::{events_request_body, normalise_and_hash, MetaEvent};
+use crate::conversions::{deliver_in_request, result_body};
+use crate::domain::conversion::{parse_event_time, parse_value, Currency, EventId, EventName, FieldError};
+use crate::domain::phone::PhoneDigits;
+use crate::error::ApiError;
+use crate::routes::rfc3339;
+use crate::startup::AppState;
+use crate::store::{Begin, ConversionRecord, ConversionSource, ConversionStatus};
+
+/// The request body, as Zernio names it. Unknown fields are ignored.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversionBody {
+    account_id: String,
+    event_name: String,
+    event_id: String,
+    event_time: Option<i64>,
+    conversation_id: Option<String>,
+    phone_e164: Option<String>,
+    value: Option<f64>,
+    currency: Option<String>,
+    content_ids: Option<Vec<String>>,
+    email: Option<String>,
+    external_id: Option<String>,
+    test_code: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+enum Lookup {
+    Conversation(String),
+    Phone(PhoneDigits),
+}
+
+/// A request that passed every rule of SPEC §4.4; customer data is hashed already.
+struct ValidConversion {
+    account_id: String,
+    event_name: EventName,
+    event_id: EventId,
+    event_time: i64,
+    lookup: Lookup,
+    value: Option<f64>,
+    currency: Option<Currency>,
+    content_ids: Vec<String>,
+    email_hash: Option<String>,
+    external_id_hash: Option<String>,
+    test_code: Option<String>,
+    dry_run: bool,
+}
+
+fn field_error(error: FieldError) -> ApiError {
+    ApiError::bad_request(error.code, error.message)
+}
+
+fn validate(body: ConversionBody, state: &AppState) -> Result<ValidConversion, ApiError> {
+    if body.account_id.trim().is_empty() {
+        return Err(ApiError::bad_request("invalid_account_id", "accountId must not be empty"));
+    }
+    let event_name = EventName::parse(&body.event_name, &state.settings.event_names).map_err(field_error)?;
+    let event_id = EventId::parse(&body.event_id).map_err(field_error)?;
+    let event_time = parse_event_time(body.event_time, state.clock.now_secs()).map_err(field_error)?;
+    let lookup = match (body.conversation_id, body.phone_e164) {
+        (Some(id), _) if !id.trim().is_empty() => Lookup::Conversation(id),
+        (_, Some(phone)) if !phone.trim().is_empty() => Lookup::Phone(
+            PhoneDigits::parse(&phone)
+                .map_err(|message| ApiError::bad_request("invalid_phone", format!("phoneE164: {message}")))?,
+        ),
+        _ => {
+            return Err(ApiError::bad_request(
+                "missing_conversation",
+                "give conversationId (preferred) or phoneE164 to identify the conversation",
+            ))
+        }
+    };
+    let value = body.value.map(parse_value).transpose().map_err(field_error)?;
+    let currency = body.currency.as_deref().map(Currency::parse).transpose().map_err(field_error)?;
+    if value.is_some() && currency.is_none() {
+        return Err(ApiError::bad_request("missing_currency", "currency is required with value"));
+    }
+    if event_name.as_str() == "Purchase" {
+        if value.is_none() {
+            return Err(ApiError::bad_request("missing_value", "Purchase events need value and currency"));
+        }
+        if currency.is_none() {
+            return Err(ApiError::bad_request("missing_currency", "Purchase events need value and currency"));
+        }
+    }
+    let content_ids = body.content_ids.unwrap_or_default();
+    if content_ids.len() > 1000 || content_ids.iter().any(|id| id.is_empty() || id.len() > 256) {
+        return Err(ApiError::bad_request(
+            "invalid_content_ids",
+            "contentIds must hold at most 1000 non-empty ids of up to 256 characters",
+        ));
+    }
+    let email_hash = match body.email.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(email) if email.contains('@') || email.len() == 64 => Some(normalise_and_hash(email)),
+        Some(_) => return Err(ApiError::bad_request("invalid_email", "email must be an e-mail address")),
+    };
+    let external_id_hash = match body.external_id.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(external_id) => Some(normalise_and_hash(external_id)),
+    };
+    Ok(ValidConversion {
+        account_id: body.account_id,
+        event_name,
+        event_id,
+        event_time,
+        lookup,
+        value,
+        currency,
+        content_ids,
+        email_hash,
+        external_id_hash,
+        test_code: body.test_code.filter(|code| !code.trim().is_empty()),
+        dry_run: body.dry_run,
+    })
+}
+
+/// Finds the conversation and its click id, or says why there is nothing to attribute.
+async fn attributed_conversation(
+    state: &AppState,
+    account_id: &str,
+    lookup: &Lookup,
+) -> Result<(Conversation, String, i64), ApiError> {
+    let conversation = match lookup {
+        Lookup::Conversation(id) => match state.store.conversation(id.clone()).await? {
+            Some(conversation) if conversation.account_id == account_id => conversation,
+            _ => {
+                return Err(ApiError::not_found(
+                    "conversation_not_found",
+                    format!("no conversation {id:?} on account {account_id:?}"),
+                ))
+            }
+        },
+        Lookup::Phone(phone) => {
+            match state
+                .store
+                .most_recent_attributed_conversation(account_id.to_string(), phone.as_str().to_string())
+                .await?
+            {
+                (_, Some(conversation)) => conversation,
+                (true, None) => {
+                    return Err(ApiError::unprocessable(
+                        "no_ctwa_clid",
+                        "none of this phone's conversations on the account came from a Click-to-WhatsApp ad click with a click id (organic chats, or Status-placement ads, which carry no ctwa_clid)",
+                    ))
+                }
+                (false, None) => {
+                    return Err(ApiError::not_found(
+                        "conversation_not_found",
+                        "this phone has no conversation on the account",
+                    ))
+                }
+            }
+        }
+    };
+    if let Some(click) = conversation.ctwa_attribution() {
+        let ctwa_clid = click.ctwa_clid.clone().expect("a click-id attribution has one");
+        let clicked_at = click.clicked_at;
+        return Ok((conversation, ctwa_clid, clicked_at));
+    }
+    let reason = match conversation.attribution() {
+        Some(_) => "the conversation came from a Status-placement ad, which carries no ctwa_clid, so Meta cannot attribute a conversion to it",
+        None => "the conversation started without an ad click (an organic chat), so there is no ctwa_clid to attribute a conversion to",
+    };
+    Err(ApiError::unprocessable("no_ctwa_clid", reason))
+}
+
+pub async fn send(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: web::Json<ConversionBody>,
+) -> Result<HttpResponse, ApiError> {
+    let request = validate(body.into_inner(), &state)?;
+    let account = caller.account(&state, &request.account_id)?;
+    let (conversation, ctwa_clid, clicked_at) =
+        attributed_conversation(&state, &account.id, &request.lookup).await?;
+    let Some(dataset_id) = account.metadata.meta_capi_dataset_id.clone() else {
+        return Err(ApiError::unprocessable(
+            "dataset_not_configured",
+            "the account has no Meta dataset: set metadata.metaCapiDatasetId, or POST /v1/whatsapp/dataset to provision one",
+        ));
+    };
+    let mut warnings = Vec::new();
+    if request.event_time - clicked_at > state.settings.attribution_window_secs() {
+        warnings.push("outside_attribution_window".to_string());
+    }
+    let meta_body = events_request_body(
+        &MetaEvent {
+            event_name: request.event_name.as_str(),
+            event_time: request.event_time,
+            event_id: request.event_id.as_str(),
+            ctwa_clid: &ctwa_clid,
+            waba_id: &account.waba_id,
+            email_hash: request.email_hash.as_deref(),
+            external_id_hash: request.external_id_hash.as_deref(),
+            value: request.value,
+            currency: request.currency.as_ref().map(Currency::as_str),
+            content_ids: &request.content_ids,
+            automatic_event: false,
+        },
+        request.test_code.as_deref(),
+        state.settings.partner_agent.as_deref(),
+    );
+    if request.dry_run {
+        return Ok(HttpResponse::Ok().json(json!({
+            "platform": "metaads",
+            "dryRun": true,
+            "conversationId": conversation.id,
+            "warnings": warnings,
+            "request": {
+                "method": "POST",
+                "url": state.graph.events_url(&dataset_id),
+                "headers": {"Authorization": "Bearer [REDACTED]", "Content-Type": "application/json"},
+                "body": meta_body,
+            },
+        })));
+    }
+    let now_ms = state.clock.now().timestamp_millis();
+    // While this request sends, the outbox leaves the record alone until the lease passes.
+    let lease = state.settings.delivery_budget + state.graph.timeout() + std::time::Duration::from_secs(1);
+    let mut record = ConversionRecord {
+        account_id: account.id.clone(),
+        event_name: request.event_name.as_str().to_string(),
+        event_id: request.event_id.as_str().to_string(),
+        conversation_id: conversation.id.clone(),
+        event_time: request.event_time,
+        source: ConversionSource::Api,
+        dataset_id,
+        request_body: meta_body,
+        status: ConversionStatus::Queued,
+        attempts: 0,
+        created_at_ms: now_ms,
+        updated_at_ms: now_ms,
+        next_attempt_at_ms: Some(now_ms + lease.as_millis() as i64),
+        events_received: 0,
+        events_failed: 0,
+        trace_id: None,
+        duration_ms: 0,
+        error: None,
+        warnings,
+    };
+    if let Begin::Existing(existing) = state.store.begin_conversion(record.clone()).await? {
+        let (status, body) = result_body(&existing, true);
+        return Ok(HttpResponse::build(status).json(body));
+    }
+    deliver_in_request(&state, &account, &mut record).await?;
+    let (status, body) = result_body(&record, false);
+    Ok(HttpResponse::build(status).json(body))
+}
+
+fn history_item(record: &ConversionRecord) -> Value {
+    json!({
+        "timestamp": rfc3339(record.created_at_ms / 1000),
+        "eventName": record.event_name,
+        "eventId": record.event_id,
+        "eventTime": rfc3339(record.event_time),
+        "conversationId": record.conversation_id,
+        "source": match record.source {
+            ConversionSource::Api => "api",
+            ConversionSource::AutomaticEvent => "automatic_event",
+        },
+        "status": record.status.as_str(),
+        "eventsReceived": record.events_received,
+        "eventsFailed": record.events_failed,
+        "traceId": record.trace_id,
+        "durationMs": record.duration_ms,
+        "attempts": record.attempts,
+        "error": record.error.as_ref().map(|error| error.message.clone()),
+        "errorCode": record.error.as_ref().map(|error| error.code.clone()),
+    })
+}
+
+/// The latest conversions of a conversation, for lookups.
+pub async fn recent_for_conversation(state: &AppState, conversation_id: &str) -> Result<Value, ApiError> {
+    let records = state
+        .store
+        .conversions_of_conversation(conversation_id.to_string(), 10)
+        .await?;
+    Ok(Value::Array(records.iter().map(history_item).collect()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryQuery {
+    account_id: Option<String>,
+    limit: Option<i64>,
+}
+
+pub async fn history(
+    state: web::Data<AppState>,
+    caller: Caller,
+    query: web::Query<HistoryQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let query = query.into_inner();
+    let Some(account_id) = query.account_id else {
+        return Err(ApiError::bad_request("missing_account_id", "accountId is required"));
+    };
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::bad_request("invalid_limit", "limit must be between 1 and 200"));
+    }
+    let account = caller.account(&state, &account_id)?;
+    let records = state.store.conversion_history(account.id, limit as usize).await?;
+    Ok(HttpResponse::Ok().json(json!({ "events": records.iter().map(history_item).collect::<Vec<_>>() })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatasetQuery {
+    account_id: Option<String>,
+}
+
+pub async fn get_dataset(
+    state: web::Data<AppState>,
+    caller: Caller,
+    query: web::Query<DatasetQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let Some(account_id) = query.into_inner().account_id else {
+        return Err(ApiError::bad_request("missing_account_id", "accountId is required"));
+    };
+    let account = caller.account(&state, &account_id)?;
+    Ok(HttpResponse::Ok().json(json!({ "datasetId": account.metadata.meta_capi_dataset_id })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatasetBody {
+    account_id: String,
+}
+
+fn meta_failure(error: crate::graph::GraphError) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "meta_error",
+        format!("Meta refused the dataset request. {}", error.actionable_message()),
+    )
+    .with_details(json!({
+        "metaCode": error.meta_code(),
+        "metaSubcode": error.meta_subcode(),
+        "traceId": error.trace_id(),
+    }))
+}
+
+/// Reads the WABA's dataset from Meta and creates one when there is none; stores it on the
+/// account. Safe to repeat.
+pub async fn provision_dataset(
+    state: web::Data<AppState>,
+    caller: Caller,
+    body: web::Json<DatasetBody>,
+) -> Result<HttpResponse, ApiError> {
+    let mut account = caller.account(&state, &body.account_id)?;
+    let existing = state
+        .graph
+        .get_dataset(&account.waba_id, &account.access_token)
+        .await
+        .map_err(meta_failure)?;
+    let (dataset_id, created) = match existing {
+        Some(dataset_id) => (dataset_id, false),
+        None => (
+            state
+                .graph
+                .create_dataset(&account.waba_id, &account.access_token)
+                .await
+                .map_err(meta_failure)?,
+            true,
+        ),
+    };
+    if account.metadata.meta_capi_dataset_id.as_ref() != Some(&dataset_id) {
+        account.metadata.meta_capi_dataset_id = Some(dataset_id.clone());
+        account.updated_at = state.clock.now_secs();
+        state.store.update_account(account).await?;
+    }
+    Ok(HttpResponse::Ok().json(json!({ "datasetId": dataset_id, "created": created })))
+}
