@@ -2,7 +2,9 @@
 
 mod helpers;
 
+mod conversion_delivery;
 mod conversions;
+mod dataset;
 mod health;
 mod webhook_handshake;
 mod webhook_signature;
