@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Map, Value};
 
 #[derive(Debug, Parser)]
-#[command(name = "ctwa-relay", version, about = "Click-to-WhatsApp attribution relay")]
+#[command(
+    name = "ctwa-relay",
+    version,
+    about = "Click-to-WhatsApp attribution relay"
+)]
 pub struct Cli {
     /// TOML configuration file (environment variables override it).
     #[arg(long, global = true, env = "CTWA_CONFIG")]
@@ -51,7 +55,12 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct Target {
     /// Base URL of the running server.
-    #[arg(long, global = true, env = "CTWA_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "CTWA_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub url: String,
 }
 
@@ -168,10 +177,25 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                 body.insert("wabaId".into(), json!(waba_id));
                 body.insert("accessToken".into(), json!(access_token));
                 account_fields(&mut body, fields);
-                (target, reqwest::Method::POST, "/v1/admin/accounts".to_string(), Some(Value::Object(body)))
+                (
+                    target,
+                    reqwest::Method::POST,
+                    "/v1/admin/accounts".to_string(),
+                    Some(Value::Object(body)),
+                )
             }
-            AccountsCommand::List => (target, reqwest::Method::GET, "/v1/admin/accounts".into(), None),
-            AccountsCommand::Show { id } => (target, reqwest::Method::GET, format!("/v1/admin/accounts/{id}"), None),
+            AccountsCommand::List => (
+                target,
+                reqwest::Method::GET,
+                "/v1/admin/accounts".into(),
+                None,
+            ),
+            AccountsCommand::Show { id } => (
+                target,
+                reqwest::Method::GET,
+                format!("/v1/admin/accounts/{id}"),
+                None,
+            ),
             AccountsCommand::Update {
                 id,
                 phone_number_id,
@@ -190,9 +214,19 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                     body.insert("accessToken".into(), json!(access_token));
                 }
                 account_fields(&mut body, fields);
-                (target, reqwest::Method::PATCH, format!("/v1/admin/accounts/{id}"), Some(Value::Object(body)))
+                (
+                    target,
+                    reqwest::Method::PATCH,
+                    format!("/v1/admin/accounts/{id}"),
+                    Some(Value::Object(body)),
+                )
             }
-            AccountsCommand::Remove { id } => (target, reqwest::Method::DELETE, format!("/v1/admin/accounts/{id}"), None),
+            AccountsCommand::Remove { id } => (
+                target,
+                reqwest::Method::DELETE,
+                format!("/v1/admin/accounts/{id}"),
+                None,
+            ),
         },
         Command::Keys { command, target } => match command {
             KeysCommand::Create { name, accounts } => (
@@ -201,8 +235,18 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
                 "/v1/admin/api-keys".into(),
                 Some(json!({"name": name, "accountIds": accounts})),
             ),
-            KeysCommand::List => (target, reqwest::Method::GET, "/v1/admin/api-keys".into(), None),
-            KeysCommand::Revoke { id } => (target, reqwest::Method::DELETE, format!("/v1/admin/api-keys/{id}"), None),
+            KeysCommand::List => (
+                target,
+                reqwest::Method::GET,
+                "/v1/admin/api-keys".into(),
+                None,
+            ),
+            KeysCommand::Revoke { id } => (
+                target,
+                reqwest::Method::DELETE,
+                format!("/v1/admin/api-keys/{id}"),
+                None,
+            ),
         },
         Command::Lookup {
             phone,
@@ -220,7 +264,12 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
             if let Some(account_id) = account_id {
                 query.push(format!("accountId={account_id}"));
             }
-            (target, reqwest::Method::GET, format!("/v1/whatsapp/attribution?{}", query.join("&")), None)
+            (
+                target,
+                reqwest::Method::GET,
+                format!("/v1/whatsapp/attribution?{}", query.join("&")),
+                None,
+            )
         }
     };
     let url = format!("{}{}", target.url.trim_end_matches('/'), path);

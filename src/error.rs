@@ -102,9 +102,13 @@ impl ResponseError for ApiError {
             error: &self.message,
             code: self.code,
         };
+        let Some(details) = &self.details else {
+            // Serialised from the struct, so `error` comes first as in `{"error":"Unauthorized"}`.
+            return HttpResponse::build(self.status).json(envelope);
+        };
         let mut body = serde_json::to_value(envelope).expect("an envelope serialises");
-        if let (Some(serde_json::Value::Object(extra)), serde_json::Value::Object(map)) =
-            (&self.details, &mut body)
+        if let (serde_json::Value::Object(extra), serde_json::Value::Object(map)) =
+            (details, &mut body)
         {
             for (key, value) in extra {
                 map.entry(key.clone()).or_insert(value.clone());

@@ -73,7 +73,10 @@ impl Default for Settings {
             admin_token: None,
             graph_url: "https://graph.facebook.com".into(),
             graph_version: "v25.0".into(),
-            event_names: DEFAULT_EVENT_NAMES.iter().map(|name| name.to_string()).collect(),
+            event_names: DEFAULT_EVENT_NAMES
+                .iter()
+                .map(|name| name.to_string())
+                .collect(),
             attribution_window_days: 7,
             partner_agent: None,
             log_format: LogFormat::Text,
@@ -322,7 +325,11 @@ impl Settings {
                 message: "must not be empty".into(),
             });
         }
-        if self.app_secrets.iter().any(|secret| secret.expose().is_empty()) {
+        if self
+            .app_secrets
+            .iter()
+            .any(|secret| secret.expose().is_empty())
+        {
             return Err(SettingsError::Invalid {
                 key: "CTWA_APP_SECRETS",
                 message: "contains an empty secret".into(),
@@ -345,7 +352,10 @@ impl Settings {
         if !version_ok {
             return Err(SettingsError::Invalid {
                 key: "CTWA_GRAPH_VERSION",
-                message: format!("expected a version such as v25.0, got {:?}", self.graph_version),
+                message: format!(
+                    "expected a version such as v25.0, got {:?}",
+                    self.graph_version
+                ),
             });
         }
         if self.event_names.is_empty() {
@@ -388,10 +398,12 @@ impl Settings {
                 message: "must be greater than zero".into(),
             });
         }
-        if self.outbox_backoff_base.is_zero() || self.outbox_backoff_max < self.outbox_backoff_base {
+        if self.outbox_backoff_base.is_zero() || self.outbox_backoff_max < self.outbox_backoff_base
+        {
             return Err(SettingsError::Invalid {
                 key: "CTWA_OUTBOX_BACKOFF_BASE_MS",
-                message: "must be greater than zero and not above CTWA_OUTBOX_BACKOFF_MAX_MS".into(),
+                message: "must be greater than zero and not above CTWA_OUTBOX_BACKOFF_MAX_MS"
+                    .into(),
             });
         }
         Ok(())
@@ -472,8 +484,7 @@ mod tests {
         )
         .unwrap();
         let settings =
-            Settings::load_from(Some(&path), env_of(&[("CTWA_LISTEN", "127.0.0.1:7000")]))
-                .unwrap();
+            Settings::load_from(Some(&path), env_of(&[("CTWA_LISTEN", "127.0.0.1:7000")])).unwrap();
         assert_eq!(settings.listen, "127.0.0.1:7000");
         assert_eq!(settings.graph_version, "v26.0");
         assert_eq!(settings.app_secrets.len(), 2);

@@ -1,7 +1,6 @@
 //! Building the application: the store, the state, the routes and their limits, the listener.
 
 use std::net::TcpListener;
-use std::sync::Arc;
 
 use actix_web::dev::Server;
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
@@ -108,11 +107,6 @@ impl Application {
         self.address
     }
 
-    /// Shared state, for tests that inspect the store or metrics directly.
-    pub fn state(&self) -> Arc<AppState> {
-        self.state.clone().into_inner()
-    }
-
     /// Serves until SIGTERM or SIGINT: actix drains in-flight requests, then background work is
     /// stopped and the store flushed one last time.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
@@ -188,13 +182,12 @@ pub fn configure_routes(config: &mut web::ServiceConfig) {
 
 fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
     let api_error = match &error {
-        JsonPayloadError::Overflow { limit } | JsonPayloadError::OverflowKnownLength { limit, .. } => {
-            ApiError::new(
-                actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("the JSON body is larger than {limit} bytes"),
-            )
-        }
+        JsonPayloadError::Overflow { limit }
+        | JsonPayloadError::OverflowKnownLength { limit, .. } => ApiError::new(
+            actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the JSON body is larger than {limit} bytes"),
+        ),
         JsonPayloadError::ContentType => ApiError::new(
             actix_web::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -209,9 +202,10 @@ fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
             };
             ApiError::bad_request(code, message)
         }
-        JsonPayloadError::Deserialize(inner) => {
-            ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {inner}"))
-        }
+        JsonPayloadError::Deserialize(inner) => ApiError::bad_request(
+            "malformed_json",
+            format!("the body is not valid JSON: {inner}"),
+        ),
         other => ApiError::bad_request("unreadable_body", other.to_string()),
     };
     api_error.into()

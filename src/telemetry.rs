@@ -81,9 +81,17 @@ pub async fn request_context(
     }
     let _entered = span.enter();
     if status.is_server_error() {
-        tracing::warn!(status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request failed");
+        tracing::warn!(
+            status = status.as_u16(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "request failed"
+        );
     } else {
-        tracing::debug!(status = status.as_u16(), elapsed_ms = elapsed.as_millis() as u64, "request served");
+        tracing::debug!(
+            status = status.as_u16(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "request served"
+        );
     }
 
     let is_json = response

@@ -168,7 +168,9 @@ pub fn place_inbound(
     };
     if carries_ctwa_clid {
         if let Some(attribution) = conversation.ctwa_attribution() {
-            if message_timestamp - attribution.clicked_at > window_secs {
+            // Either way round: a click delivered late is as far from the attribution as one
+            // delivered in order.
+            if (message_timestamp - attribution.clicked_at).abs() > window_secs {
                 return Placement::New;
             }
         }
@@ -179,7 +181,11 @@ pub fn place_inbound(
 /// Records an inbound message (and its click, if any) on its conversation (rule 2).
 ///
 /// Recording the same message twice (a redelivery after a crash) does not add its click twice.
-pub fn record_inbound(conversation: &mut Conversation, message_timestamp: i64, click: Option<Click>) {
+pub fn record_inbound(
+    conversation: &mut Conversation,
+    message_timestamp: i64,
+    click: Option<Click>,
+) {
     if let Some(click) = &click {
         if conversation
             .clicks
@@ -350,6 +356,21 @@ mod tests {
     }
 
     #[test]
+    fn a_click_delivered_after_a_later_window_still_opens_its_own_conversation() {
+        let mut later = conversation("later", 100 + 8 * 86_400);
+        record_inbound(
+            &mut later,
+            100 + 8 * 86_400,
+            Some(click("m2", 100 + 8 * 86_400, Some("B"))),
+        );
+        let placement = place_inbound(std::slice::from_ref(&later), 100, true, WEEK);
+        assert_eq!(placement, Placement::New);
+        // Inside the window it joins the conversation (and becomes its first touch).
+        let placement = place_inbound(std::slice::from_ref(&later), 200 + WEEK, true, WEEK);
+        assert_eq!(placement, Placement::Existing(0));
+    }
+
+    #[test]
     fn messages_go_to_the_conversation_current_at_their_timestamp() {
         let conversations = [conversation("old", 100), conversation("new", 10_000)];
         assert_eq!(
@@ -370,7 +391,11 @@ mod tests {
     fn automatic_event_fills_a_missing_click_id_and_keeps_the_ad_fields() {
         let mut conv = conversation("c", 100);
         record_inbound(&mut conv, 100, Some(click("m1", 100, None)));
-        assert!(apply_automatic_event(&mut conv, event("m1", Some("AUTO")), 100));
+        assert!(apply_automatic_event(
+            &mut conv,
+            event("m1", Some("AUTO")),
+            100
+        ));
         let attribution = conv.attribution().unwrap();
         assert_eq!(attribution.ctwa_clid.as_deref(), Some("AUTO"));
         assert_eq!(attribution.via, ClickVia::AutomaticEvent);
@@ -382,7 +407,11 @@ mod tests {
     fn automatic_event_does_not_replace_an_existing_click_id() {
         let mut conv = conversation("c", 100);
         record_inbound(&mut conv, 100, Some(click("m1", 100, Some("REFERRAL"))));
-        assert!(apply_automatic_event(&mut conv, event("m1", Some("AUTO")), 100));
+        assert!(apply_automatic_event(
+            &mut conv,
+            event("m1", Some("AUTO")),
+            100
+        ));
         assert_eq!(
             conv.attribution().unwrap().ctwa_clid.as_deref(),
             Some("REFERRAL")
@@ -394,7 +423,11 @@ mod tests {
     fn automatic_event_on_an_organic_chat_attributes_it() {
         let mut conv = conversation("c", 100);
         record_inbound(&mut conv, 100, None);
-        assert!(apply_automatic_event(&mut conv, event("m1", Some("AUTO")), 100));
+        assert!(apply_automatic_event(
+            &mut conv,
+            event("m1", Some("AUTO")),
+            100
+        ));
         let attribution = conv.attribution().unwrap();
         assert_eq!(attribution.ctwa_clid.as_deref(), Some("AUTO"));
         assert_eq!(attribution.clicked_at, 100);
@@ -404,9 +437,17 @@ mod tests {
     #[test]
     fn duplicate_automatic_events_change_nothing() {
         let mut conv = conversation("c", 100);
-        assert!(apply_automatic_event(&mut conv, event("m1", Some("AUTO")), 100));
+        assert!(apply_automatic_event(
+            &mut conv,
+            event("m1", Some("AUTO")),
+            100
+        ));
         let before = conv.clone();
-        assert!(!apply_automatic_event(&mut conv, event("m1", Some("AUTO")), 100));
+        assert!(!apply_automatic_event(
+            &mut conv,
+            event("m1", Some("AUTO")),
+            100
+        ));
         assert_eq!(conv, before);
     }
 

@@ -13,7 +13,9 @@ use crate::domain::account::Account;
 use crate::domain::conversion::MAX_EVENT_AGE_SECS;
 use crate::graph::{ErrorClass, EventsReceived, GraphError};
 use crate::startup::AppState;
-use crate::store::{ConversionFailure, ConversionRecord, ConversionSource, ConversionStatus, StoreError};
+use crate::store::{
+    ConversionFailure, ConversionRecord, ConversionSource, ConversionStatus, StoreError,
+};
 
 /// What one attempt to deliver led to.
 pub enum Attempt {
@@ -24,7 +26,11 @@ pub enum Attempt {
 }
 
 /// Applies the answer of one Graph call to a record (status, counts, error, trace id).
-pub fn apply_answer(record: &mut ConversionRecord, answer: Result<EventsReceived, GraphError>, now_ms: i64) -> Attempt {
+pub fn apply_answer(
+    record: &mut ConversionRecord,
+    answer: Result<EventsReceived, GraphError>,
+    now_ms: i64,
+) -> Attempt {
     record.attempts += 1;
     record.updated_at_ms = now_ms;
     match answer {
@@ -81,7 +87,8 @@ pub fn expire(record: &mut ConversionRecord, now_ms: i64) {
     record.events_failed = 1;
     record.error = Some(ConversionFailure {
         code: "expired".into(),
-        message: "the event stayed undeliverable until it was older than the 7 days Meta accepts".into(),
+        message: "the event stayed undeliverable until it was older than the 7 days Meta accepts"
+            .into(),
         meta_code: record.error.as_ref().and_then(|error| error.meta_code),
         meta_subcode: None,
     });
@@ -91,22 +98,36 @@ pub fn expire(record: &mut ConversionRecord, now_ms: i64) {
 pub fn outbox_backoff(state: &AppState, attempts: u32) -> Duration {
     let base = state.settings.outbox_backoff_base;
     let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(20));
-    base.saturating_mul(factor).min(state.settings.outbox_backoff_max)
+    base.saturating_mul(factor)
+        .min(state.settings.outbox_backoff_max)
 }
 
 /// Sends a just-recorded conversion, retrying transient failures within the request budget,
 /// and stores the outcome durably. A conversion still failing when the budget runs out stays
 /// queued for the outbox.
-pub async fn deliver_in_request(state: &AppState, account: &Account, record: &mut ConversionRecord) -> Result<(), StoreError> {
+pub async fn deliver_in_request(
+    state: &AppState,
+    account: &Account,
+    record: &mut ConversionRecord,
+) -> Result<(), StoreError> {
     let started = Instant::now();
     let deadline = started + state.settings.delivery_budget;
     let mut pause = Duration::from_millis(100);
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let timeout = state.graph.timeout().min(remaining).max(Duration::from_millis(50));
+        let timeout = state
+            .graph
+            .timeout()
+            .min(remaining)
+            .max(Duration::from_millis(50));
         let answer = state
             .graph
-            .send_events(&record.dataset_id, &account.access_token, &record.request_body, timeout)
+            .send_events(
+                &record.dataset_id,
+                &account.access_token,
+                &record.request_body,
+                timeout,
+            )
             .await;
         let now_ms = state.clock.now().timestamp_millis();
         match apply_answer(record, answer, now_ms) {
@@ -134,7 +155,10 @@ pub async fn deliver_in_request(state: &AppState, account: &Account, record: &mu
 }
 
 /// The answer to a conversion request (Zernio's fields first), and its HTTP status.
-pub fn result_body(record: &ConversionRecord, deduplicated: bool) -> (actix_web::http::StatusCode, Value) {
+pub fn result_body(
+    record: &ConversionRecord,
+    deduplicated: bool,
+) -> (actix_web::http::StatusCode, Value) {
     let failures: Vec<Value> = match (&record.status, &record.error) {
         (ConversionStatus::Failed | ConversionStatus::Expired, Some(error)) => vec![json!({
             "eventIndex": 0,
@@ -179,7 +203,9 @@ pub async fn forward_automatic_events(
 ) -> Result<(), StoreError> {
     let mut queued = false;
     for (account_id, conversation_id, event) in matched {
-        let Some(account) = state.store.account(&account_id) else { continue };
+        let Some(account) = state.store.account(&account_id) else {
+            continue;
+        };
         if !account.forward_automatic_events {
             continue;
         }
@@ -199,8 +225,13 @@ pub async fn forward_automatic_events(
             skip("the event is older than 7 days");
             continue;
         }
-        let Some(conversation) = state.store.conversation(conversation_id.clone()).await? else { continue };
-        let Some(ctwa_clid) = conversation.ctwa_attribution().and_then(|click| click.ctwa_clid.clone()) else {
+        let Some(conversation) = state.store.conversation(conversation_id.clone()).await? else {
+            continue;
+        };
+        let Some(ctwa_clid) = conversation
+            .ctwa_attribution()
+            .and_then(|click| click.ctwa_clid.clone())
+        else {
             skip("the conversation has no click id");
             continue;
         };

@@ -44,11 +44,17 @@ pub async fn deliver_due(state: &AppState, shutdown: &CancellationToken) -> Resu
         } else if let Some(account) = state.store.account(&record.account_id) {
             let answer = state
                 .graph
-                .send_events(&record.dataset_id, &account.access_token, &record.request_body, state.graph.timeout())
+                .send_events(
+                    &record.dataset_id,
+                    &account.access_token,
+                    &record.request_body,
+                    state.graph.timeout(),
+                )
                 .await;
             let now_ms = state.clock.now().timestamp_millis();
             if let Attempt::Transient = apply_answer(&mut record, answer, now_ms) {
-                record.next_attempt_at_ms = Some(now_ms + outbox_backoff(state, record.attempts).as_millis() as i64);
+                record.next_attempt_at_ms =
+                    Some(now_ms + outbox_backoff(state, record.attempts).as_millis() as i64);
             }
         } else {
             record.status = ConversionStatus::Failed;
@@ -78,6 +84,8 @@ pub async fn deliver_due(state: &AppState, shutdown: &CancellationToken) -> Resu
     if changed {
         state.store.durable().await?;
     }
-    state.metrics.set_outbox_depth(state.store.outbox_depth().await?);
+    state
+        .metrics
+        .set_outbox_depth(state.store.outbox_depth().await?);
     Ok(())
 }

@@ -23,7 +23,11 @@ pub struct MetaEvent<'a> {
 }
 
 /// `{"data":[event], "test_event_code"?, "partner_agent"?}`; absent optional fields are omitted.
-pub fn events_request_body(event: &MetaEvent<'_>, test_event_code: Option<&str>, partner_agent: Option<&str>) -> Value {
+pub fn events_request_body(
+    event: &MetaEvent<'_>,
+    test_event_code: Option<&str>,
+    partner_agent: Option<&str>,
+) -> Value {
     let mut user_data = Map::new();
     user_data.insert("ctwa_clid".into(), json!(event.ctwa_clid));
     user_data.insert("whatsapp_business_account_id".into(), json!(event.waba_id));
@@ -54,7 +58,10 @@ pub fn events_request_body(event: &MetaEvent<'_>, test_event_code: Option<&str>,
         data.insert("custom_data".into(), Value::Object(custom_data));
     }
     if event.automatic_event {
-        data.insert("messaging_outcome_data".into(), json!({"outcome_type": "automatic_events"}));
+        data.insert(
+            "messaging_outcome_data".into(),
+            json!({"outcome_type": "automatic_events"}),
+        );
     }
     let mut body = Map::new();
     body.insert("data".into(), json!([Value::Object(data)]));
@@ -68,7 +75,10 @@ pub fn events_request_body(event: &MetaEvent<'_>, test_event_code: Option<&str>,
 }
 
 fn is_sha256_hex(value: &str) -> bool {
-    value.len() == 64 && value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    value.len() == 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Trims, lower-cases and SHA-256-hashes a customer identifier; a value that is already 64
@@ -107,7 +117,10 @@ mod tests {
         let hash = "62a14e44f765419d10fea99367361a727c12365e2520f32218d505ed9aa0f62f";
         assert_eq!(normalise_and_hash(hash), hash);
         // Upper-case hex is not a Meta hash: it is normalised and hashed.
-        assert_ne!(normalise_and_hash(&hash.to_uppercase()), hash.to_uppercase());
+        assert_ne!(
+            normalise_and_hash(&hash.to_uppercase()),
+            hash.to_uppercase()
+        );
     }
 
     #[test]

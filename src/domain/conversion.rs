@@ -52,7 +52,10 @@ impl EventId {
     pub fn parse(id: &str) -> Result<Self, FieldError> {
         let length = id.chars().count();
         if length == 0 || length > 256 || id.contains('\0') {
-            return Err(FieldError::new("invalid_event_id", "eventId must be 1-256 characters"));
+            return Err(FieldError::new(
+                "invalid_event_id",
+                "eventId must be 1-256 characters",
+            ));
         }
         Ok(Self(id.to_string()))
     }
@@ -135,7 +138,10 @@ pub fn parse_value(value: f64) -> Result<f64, FieldError> {
     if value.is_finite() && value >= 0.0 {
         return Ok(value);
     }
-    Err(FieldError::new("invalid_value", "value must be a finite number >= 0"))
+    Err(FieldError::new(
+        "invalid_value",
+        "value must be a finite number >= 0",
+    ))
 }
 
 #[cfg(test)]
@@ -145,7 +151,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn allowlist() -> Vec<String> {
-        DEFAULT_EVENT_NAMES.iter().map(|name| name.to_string()).collect()
+        DEFAULT_EVENT_NAMES
+            .iter()
+            .map(|name| name.to_string())
+            .collect()
     }
 
     #[test]
@@ -161,10 +170,24 @@ mod tests {
     fn event_time_limits() {
         let now = 1_800_000_000;
         assert_eq!(parse_event_time(None, now), Ok(now));
-        assert_eq!(parse_event_time(Some(now - MAX_EVENT_AGE_SECS), now), Ok(now - MAX_EVENT_AGE_SECS));
-        assert_eq!(parse_event_time(Some(now - MAX_EVENT_AGE_SECS - 1), now).unwrap_err().code, "event_time_too_old");
-        assert_eq!(parse_event_time(Some(now + 301), now).unwrap_err().code, "event_time_in_future");
-        assert_eq!(parse_event_time(Some(now * 1000), now).unwrap_err().code, "event_time_in_milliseconds");
+        assert_eq!(
+            parse_event_time(Some(now - MAX_EVENT_AGE_SECS), now),
+            Ok(now - MAX_EVENT_AGE_SECS)
+        );
+        assert_eq!(
+            parse_event_time(Some(now - MAX_EVENT_AGE_SECS - 1), now)
+                .unwrap_err()
+                .code,
+            "event_time_too_old"
+        );
+        assert_eq!(
+            parse_event_time(Some(now + 301), now).unwrap_err().code,
+            "event_time_in_future"
+        );
+        assert_eq!(
+            parse_event_time(Some(now * 1000), now).unwrap_err().code,
+            "event_time_in_milliseconds"
+        );
     }
 
     #[test]

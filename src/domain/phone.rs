@@ -28,13 +28,26 @@ mod tests {
 
     #[test]
     fn accepts_digits_and_a_leading_plus() {
-        assert_eq!(PhoneDigits::parse("16505551234").unwrap().as_str(), "16505551234");
-        assert_eq!(PhoneDigits::parse("+16505551234").unwrap().as_str(), "16505551234");
+        assert_eq!(
+            PhoneDigits::parse("16505551234").unwrap().as_str(),
+            "16505551234"
+        );
+        assert_eq!(
+            PhoneDigits::parse("+16505551234").unwrap().as_str(),
+            "16505551234"
+        );
     }
 
     #[test]
     fn refuses_formatting_and_bad_lengths() {
-        for bad in ["(650)555-1212", "165 0555", "123456", "1234567890123456", "", "++1650555"] {
+        for bad in [
+            "(650)555-1212",
+            "165 0555",
+            "123456",
+            "1234567890123456",
+            "",
+            "++1650555",
+        ] {
             assert!(PhoneDigits::parse(bad).is_err(), "{bad}");
         }
     }

@@ -46,7 +46,10 @@ struct MetaErrorEnvelope {
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
     #[error("Meta answered HTTP {http_status} with error code {}: {}", .error.code, .error.message)]
-    Meta { http_status: u16, error: MetaError },
+    Meta {
+        http_status: u16,
+        error: Box<MetaError>,
+    },
     #[error("Meta answered HTTP {status} without an error object")]
     Status { status: u16 },
     #[error("Meta did not answer within {0:?}")]
@@ -61,7 +64,8 @@ impl GraphError {
     pub fn class(&self) -> ErrorClass {
         match self {
             GraphError::Meta { http_status, error } => {
-                let transient_code = matches!(error.code, 1 | 2 | 4 | 17 | 341 | 368 | 613 | 80000..=80014);
+                let transient_code =
+                    matches!(error.code, 1 | 2 | 4 | 17 | 341 | 368 | 613 | 80000..=80014);
                 let known_permanent = matches!(error.code, 3 | 10 | 100 | 190 | 200..=299);
                 if transient_code || (!known_permanent && *http_status >= 500) {
                     ErrorClass::Transient
@@ -69,7 +73,9 @@ impl GraphError {
                     ErrorClass::Permanent
                 }
             }
-            GraphError::Status { status } if *status >= 500 || *status == 429 => ErrorClass::Transient,
+            GraphError::Status { status } if *status >= 500 || *status == 429 => {
+                ErrorClass::Transient
+            }
             GraphError::Status { .. } => ErrorClass::Permanent,
             GraphError::Timeout(_) | GraphError::Connect(_) => ErrorClass::Transient,
             // A success status with a body we cannot read: Meta may have taken the event, and it
@@ -203,37 +209,66 @@ impl GraphClient {
             .json(body);
         let (status, text) = self.execute(request, timeout).await?;
         serde_json::from_str::<EventsReceived>(&text).map_err(|error| {
-            GraphError::Malformed(format!("HTTP {status} with a body that is not an events answer ({error})"))
+            GraphError::Malformed(format!(
+                "HTTP {status} with a body that is not an events answer ({error})"
+            ))
         })
     }
 
     /// The dataset linked to a WABA, if any.
-    pub async fn get_dataset(&self, waba_id: &str, access_token: &Secret) -> Result<Option<String>, GraphError> {
-        let request = self.http.get(self.dataset_url(waba_id)).bearer_auth(access_token.expose());
+    pub async fn get_dataset(
+        &self,
+        waba_id: &str,
+        access_token: &Secret,
+    ) -> Result<Option<String>, GraphError> {
+        let request = self
+            .http
+            .get(self.dataset_url(waba_id))
+            .bearer_auth(access_token.expose());
         let (_, text) = self.execute(request, self.timeout).await?;
         dataset_id_from(&text)
     }
 
     /// Creates (or returns) the dataset of a WABA.
-    pub async fn create_dataset(&self, waba_id: &str, access_token: &Secret) -> Result<String, GraphError> {
-        let request = self.http.post(self.dataset_url(waba_id)).bearer_auth(access_token.expose());
+    pub async fn create_dataset(
+        &self,
+        waba_id: &str,
+        access_token: &Secret,
+    ) -> Result<String, GraphError> {
+        let request = self
+            .http
+            .post(self.dataset_url(waba_id))
+            .bearer_auth(access_token.expose());
         let (_, text) = self.execute(request, self.timeout).await?;
-        dataset_id_from(&text)?.ok_or_else(|| GraphError::Malformed("the dataset creation answer has no id".into()))
+        dataset_id_from(&text)?
+            .ok_or_else(|| GraphError::Malformed("the dataset creation answer has no id".into()))
     }
 
-    async fn execute(&self, request: reqwest::RequestBuilder, timeout: Duration) -> Result<(StatusCode, String), GraphError> {
-        let response = request.send().await.map_err(|error| transport_error(error, timeout))?;
+    async fn execute(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<(StatusCode, String), GraphError> {
+        let response = request
+            .send()
+            .await
+            .map_err(|error| transport_error(error, timeout))?;
         let status = response.status();
-        let text = response.text().await.map_err(|error| transport_error(error, timeout))?;
+        let text = response
+            .text()
+            .await
+            .map_err(|error| transport_error(error, timeout))?;
         if status.is_success() {
             return Ok((status, text));
         }
         match serde_json::from_str::<MetaErrorEnvelope>(&text) {
             Ok(envelope) => Err(GraphError::Meta {
                 http_status: status.as_u16(),
-                error: envelope.error,
+                error: Box::new(envelope.error),
             }),
-            Err(_) => Err(GraphError::Status { status: status.as_u16() }),
+            Err(_) => Err(GraphError::Status {
+                status: status.as_u16(),
+            }),
         }
     }
 }
@@ -251,10 +286,14 @@ fn transport_error(error: reqwest::Error, timeout: Duration) -> GraphError {
 
 /// Meta does not document the dataset answer: accept `{"id"}` and `{"data":[{"id"}]}`.
 fn dataset_id_from(text: &str) -> Result<Option<String>, GraphError> {
-    let value: Value = serde_json::from_str(text).map_err(|error| GraphError::Malformed(error.to_string()))?;
-    let id = value
-        .get("id")
-        .or_else(|| value.get("data").and_then(|data| data.get(0)).and_then(|first| first.get("id")));
+    let value: Value =
+        serde_json::from_str(text).map_err(|error| GraphError::Malformed(error.to_string()))?;
+    let id = value.get("id").or_else(|| {
+        value
+            .get("data")
+            .and_then(|data| data.get(0))
+            .and_then(|first| first.get("id"))
+    });
     Ok(id.and_then(|id| match id {
         Value::String(text) if !text.is_empty() => Some(text.clone()),
         Value::Number(number) => Some(number.to_string()),
@@ -269,7 +308,7 @@ mod tests {
     fn meta(http_status: u16, code: i64, subcode: Option<i64>) -> GraphError {
         GraphError::Meta {
             http_status,
-            error: MetaError {
+            error: Box::new(MetaError {
                 message: "m".into(),
                 kind: None,
                 code,
@@ -278,39 +317,85 @@ mod tests {
                 error_user_msg: None,
                 fbtrace_id: Some("T".into()),
                 is_transient: None,
-            },
+            }),
         }
     }
 
     #[test]
     fn classification_follows_the_spec() {
         for code in [1, 2, 4, 17, 341, 368, 613, 80000, 80014] {
-            assert_eq!(meta(400, code, None).class(), ErrorClass::Transient, "{code}");
+            assert_eq!(
+                meta(400, code, None).class(),
+                ErrorClass::Transient,
+                "{code}"
+            );
         }
-        for (code, subcode) in [(100, Some(33)), (100, Some(2804066)), (100, Some(2804003)), (100, Some(2804087)), (190, Some(460)), (10, None), (200, None), (299, None)] {
-            assert_eq!(meta(400, code, subcode).class(), ErrorClass::Permanent, "{code}");
+        for (code, subcode) in [
+            (100, Some(33)),
+            (100, Some(2804066)),
+            (100, Some(2804003)),
+            (100, Some(2804087)),
+            (190, Some(460)),
+            (10, None),
+            (200, None),
+            (299, None),
+        ] {
+            assert_eq!(
+                meta(400, code, subcode).class(),
+                ErrorClass::Permanent,
+                "{code}"
+            );
         }
         assert_eq!(meta(500, 100, None).class(), ErrorClass::Permanent);
         assert_eq!(meta(500, 12345, None).class(), ErrorClass::Transient);
-        assert_eq!(GraphError::Status { status: 503 }.class(), ErrorClass::Transient);
-        assert_eq!(GraphError::Status { status: 404 }.class(), ErrorClass::Permanent);
-        assert_eq!(GraphError::Timeout(Duration::from_secs(1)).class(), ErrorClass::Transient);
-        assert_eq!(GraphError::Connect("refused".into()).class(), ErrorClass::Transient);
-        assert_eq!(GraphError::Malformed("x".into()).class(), ErrorClass::Permanent);
+        assert_eq!(
+            GraphError::Status { status: 503 }.class(),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            GraphError::Status { status: 404 }.class(),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            GraphError::Timeout(Duration::from_secs(1)).class(),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            GraphError::Connect("refused".into()).class(),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            GraphError::Malformed("x".into()).class(),
+            ErrorClass::Permanent
+        );
     }
 
     #[test]
     fn dataset_answers_in_both_shapes() {
-        assert_eq!(dataset_id_from(r#"{"id":"123"}"#).unwrap().as_deref(), Some("123"));
-        assert_eq!(dataset_id_from(r#"{"data":[{"id":"456"}]}"#).unwrap().as_deref(), Some("456"));
+        assert_eq!(
+            dataset_id_from(r#"{"id":"123"}"#).unwrap().as_deref(),
+            Some("123")
+        );
+        assert_eq!(
+            dataset_id_from(r#"{"data":[{"id":"456"}]}"#)
+                .unwrap()
+                .as_deref(),
+            Some("456")
+        );
         assert_eq!(dataset_id_from(r#"{"data":[]}"#).unwrap(), None);
         assert!(dataset_id_from("nope").is_err());
     }
 
     #[test]
     fn messages_say_what_to_do() {
-        assert!(meta(400, 100, Some(33)).actionable_message().contains("Share the dataset"));
-        assert!(meta(400, 190, None).actionable_message().contains("accessToken"));
-        assert!(meta(400, 100, Some(2804066)).actionable_message().contains("LeadSubmitted"));
+        assert!(meta(400, 100, Some(33))
+            .actionable_message()
+            .contains("Share the dataset"));
+        assert!(meta(400, 190, None)
+            .actionable_message()
+            .contains("accessToken"));
+        assert!(meta(400, 100, Some(2804066))
+            .actionable_message()
+            .contains("LeadSubmitted"));
     }
 }

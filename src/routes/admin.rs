@@ -4,7 +4,9 @@ use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Caller;
-use crate::domain::account::{generate_api_key_secret, hash_api_key, Account, AccountMetadata, ApiKey};
+use crate::domain::account::{
+    generate_api_key_secret, hash_api_key, Account, AccountMetadata, ApiKey,
+};
 use crate::domain::ids;
 use crate::error::ApiError;
 use crate::routes::{double_option, rfc3339};
@@ -131,7 +133,7 @@ fn apply_metadata(metadata: &mut AccountMetadata, body: MetadataBody) -> Result<
 
 /// Processes webhook changes that arrived for this number before its account existed.
 async fn replay_held_changes(state: &AppState, phone_number_id: &str) -> Result<(), ApiError> {
-    let report = state
+    let mut report = state
         .store
         .replay_unrouted(
             phone_number_id.to_string(),
@@ -139,6 +141,10 @@ async fn replay_held_changes(state: &AppState, phone_number_id: &str) -> Result<
             state.settings.attribution_window_secs(),
         )
         .await?;
+    let matched = std::mem::take(&mut report.matched_automatic_events);
+    if !matched.is_empty() {
+        crate::conversions::forward_automatic_events(state, matched).await?;
+    }
     state.store.durable().await?;
     state.metrics.record_ingest(&report);
     if report.messages > 0 || report.automatic_events > 0 {
@@ -199,7 +205,12 @@ pub async fn list_accounts(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
-    let accounts: Vec<AccountView> = state.store.accounts().iter().map(AccountView::from).collect();
+    let accounts: Vec<AccountView> = state
+        .store
+        .accounts()
+        .iter()
+        .map(AccountView::from)
+        .collect();
     Ok(HttpResponse::Ok().json(serde_json::json!({ "accounts": accounts })))
 }
 

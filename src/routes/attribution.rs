@@ -70,7 +70,10 @@ fn automatic_event_view(event: &AutomaticEvent) -> serde_json::Value {
 }
 
 /// A conversation in Zernio's shape: the attribution as `metadata.ctwa_*`, absent values `null`.
-pub fn conversation_view(conversation: &Conversation, user: Option<&UserRecord>) -> serde_json::Value {
+pub fn conversation_view(
+    conversation: &Conversation,
+    user: Option<&UserRecord>,
+) -> serde_json::Value {
     let attribution = conversation.attribution();
     let field = |read: fn(&Click) -> Option<String>| attribution.and_then(read);
     json!({
@@ -141,7 +144,9 @@ pub async fn attribution(
             bsuid.clone(),
             move |account_id| {
                 scope.can_see(account_id)
-                    && only_account.as_deref().is_none_or(|only| only == account_id)
+                    && only_account
+                        .as_deref()
+                        .is_none_or(|only| only == account_id)
             },
         )
         .await?;
@@ -151,7 +156,8 @@ pub async fn attribution(
         for conversation in conversations {
             let mut view = conversation_view(conversation, Some(user));
             view["recentConversions"] =
-                crate::routes::conversions::recent_for_conversation(&state, &conversation.id).await?;
+                crate::routes::conversions::recent_for_conversation(&state, &conversation.id)
+                    .await?;
             views.push(view);
         }
         rendered.push(json!({
@@ -173,7 +179,12 @@ pub async fn conversation(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
-    let not_found = || ApiError::not_found("conversation_not_found", "no such conversation is visible to this key");
+    let not_found = || {
+        ApiError::not_found(
+            "conversation_not_found",
+            "no such conversation is visible to this key",
+        )
+    };
     let Some(conversation) = state.store.conversation(id).await? else {
         return Err(not_found());
     };
@@ -182,7 +193,10 @@ pub async fn conversation(
     }
     let user = state
         .store
-        .user(conversation.account_id.clone(), conversation.user_key.clone())
+        .user(
+            conversation.account_id.clone(),
+            conversation.user_key.clone(),
+        )
         .await?;
     let mut view = conversation_view(&conversation, user.as_ref());
     view["recentConversions"] =

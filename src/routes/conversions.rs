@@ -9,7 +9,9 @@ use crate::attribution::Conversation;
 use crate::auth::Caller;
 use crate::conversions::payload::{events_request_body, normalise_and_hash, MetaEvent};
 use crate::conversions::{deliver_in_request, result_body};
-use crate::domain::conversion::{parse_event_time, parse_value, Currency, EventId, EventName, FieldError};
+use crate::domain::conversion::{
+    parse_event_time, parse_value, Currency, EventId, EventName, FieldError,
+};
 use crate::domain::phone::PhoneDigits;
 use crate::error::ApiError;
 use crate::routes::rfc3339;
@@ -63,17 +65,23 @@ fn field_error(error: FieldError) -> ApiError {
 
 fn validate(body: ConversionBody, state: &AppState) -> Result<ValidConversion, ApiError> {
     if body.account_id.trim().is_empty() {
-        return Err(ApiError::bad_request("invalid_account_id", "accountId must not be empty"));
+        return Err(ApiError::bad_request(
+            "invalid_account_id",
+            "accountId must not be empty",
+        ));
     }
-    let event_name = EventName::parse(&body.event_name, &state.settings.event_names).map_err(field_error)?;
+    let event_name =
+        EventName::parse(&body.event_name, &state.settings.event_names).map_err(field_error)?;
     let event_id = EventId::parse(&body.event_id).map_err(field_error)?;
-    let event_time = parse_event_time(body.event_time, state.clock.now_secs()).map_err(field_error)?;
+    let event_time =
+        parse_event_time(body.event_time, state.clock.now_secs()).map_err(field_error)?;
     let lookup = match (body.conversation_id, body.phone_e164) {
         (Some(id), _) if !id.trim().is_empty() => Lookup::Conversation(id),
-        (_, Some(phone)) if !phone.trim().is_empty() => Lookup::Phone(
-            PhoneDigits::parse(&phone)
-                .map_err(|message| ApiError::bad_request("invalid_phone", format!("phoneE164: {message}")))?,
-        ),
+        (_, Some(phone)) if !phone.trim().is_empty() => {
+            Lookup::Phone(PhoneDigits::parse(&phone).map_err(|message| {
+                ApiError::bad_request("invalid_phone", format!("phoneE164: {message}"))
+            })?)
+        }
         _ => {
             return Err(ApiError::bad_request(
                 "missing_conversation",
@@ -81,17 +89,35 @@ fn validate(body: ConversionBody, state: &AppState) -> Result<ValidConversion, A
             ))
         }
     };
-    let value = body.value.map(parse_value).transpose().map_err(field_error)?;
-    let currency = body.currency.as_deref().map(Currency::parse).transpose().map_err(field_error)?;
+    let value = body
+        .value
+        .map(parse_value)
+        .transpose()
+        .map_err(field_error)?;
+    let currency = body
+        .currency
+        .as_deref()
+        .map(Currency::parse)
+        .transpose()
+        .map_err(field_error)?;
     if value.is_some() && currency.is_none() {
-        return Err(ApiError::bad_request("missing_currency", "currency is required with value"));
+        return Err(ApiError::bad_request(
+            "missing_currency",
+            "currency is required with value",
+        ));
     }
     if event_name.as_str() == "Purchase" {
         if value.is_none() {
-            return Err(ApiError::bad_request("missing_value", "Purchase events need value and currency"));
+            return Err(ApiError::bad_request(
+                "missing_value",
+                "Purchase events need value and currency",
+            ));
         }
         if currency.is_none() {
-            return Err(ApiError::bad_request("missing_currency", "Purchase events need value and currency"));
+            return Err(ApiError::bad_request(
+                "missing_currency",
+                "Purchase events need value and currency",
+            ));
         }
     }
     let content_ids = body.content_ids.unwrap_or_default();
@@ -104,7 +130,12 @@ fn validate(body: ConversionBody, state: &AppState) -> Result<ValidConversion, A
     let email_hash = match body.email.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(email) if email.contains('@') || email.len() == 64 => Some(normalise_and_hash(email)),
-        Some(_) => return Err(ApiError::bad_request("invalid_email", "email must be an e-mail address")),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_email",
+                "email must be an e-mail address",
+            ))
+        }
     };
     let external_id_hash = match body.external_id.as_deref().map(str::trim) {
         None | Some("") => None,
@@ -165,7 +196,10 @@ async fn attributed_conversation(
         }
     };
     if let Some(click) = conversation.ctwa_attribution() {
-        let ctwa_clid = click.ctwa_clid.clone().expect("a click-id attribution has one");
+        let ctwa_clid = click
+            .ctwa_clid
+            .clone()
+            .expect("a click-id attribution has one");
         let clicked_at = click.clicked_at;
         return Ok((conversation, ctwa_clid, clicked_at));
     }
@@ -228,7 +262,8 @@ pub async fn send(
     }
     let now_ms = state.clock.now().timestamp_millis();
     // While this request sends, the outbox leaves the record alone until the lease passes.
-    let lease = state.settings.delivery_budget + state.graph.timeout() + std::time::Duration::from_secs(1);
+    let lease =
+        state.settings.delivery_budget + state.graph.timeout() + std::time::Duration::from_secs(1);
     let mut record = ConversionRecord {
         account_id: account.id.clone(),
         event_name: request.event_name.as_str().to_string(),
@@ -282,7 +317,10 @@ fn history_item(record: &ConversionRecord) -> Value {
 }
 
 /// The latest conversions of a conversation, for lookups.
-pub async fn recent_for_conversation(state: &AppState, conversation_id: &str) -> Result<Value, ApiError> {
+pub async fn recent_for_conversation(
+    state: &AppState,
+    conversation_id: &str,
+) -> Result<Value, ApiError> {
     let records = state
         .store
         .conversions_of_conversation(conversation_id.to_string(), 10)
@@ -304,15 +342,25 @@ pub async fn history(
 ) -> Result<HttpResponse, ApiError> {
     let query = query.into_inner();
     let Some(account_id) = query.account_id else {
-        return Err(ApiError::bad_request("missing_account_id", "accountId is required"));
+        return Err(ApiError::bad_request(
+            "missing_account_id",
+            "accountId is required",
+        ));
     };
     let limit = query.limit.unwrap_or(50);
     if !(1..=200).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_limit", "limit must be between 1 and 200"));
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            "limit must be between 1 and 200",
+        ));
     }
     let account = caller.account(&state, &account_id)?;
-    let records = state.store.conversion_history(account.id, limit as usize).await?;
-    Ok(HttpResponse::Ok().json(json!({ "events": records.iter().map(history_item).collect::<Vec<_>>() })))
+    let records = state
+        .store
+        .conversion_history(account.id, limit as usize)
+        .await?;
+    Ok(HttpResponse::Ok()
+        .json(json!({ "events": records.iter().map(history_item).collect::<Vec<_>>() })))
 }
 
 #[derive(Debug, Deserialize)]
@@ -327,7 +375,10 @@ pub async fn get_dataset(
     query: web::Query<DatasetQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let Some(account_id) = query.into_inner().account_id else {
-        return Err(ApiError::bad_request("missing_account_id", "accountId is required"));
+        return Err(ApiError::bad_request(
+            "missing_account_id",
+            "accountId is required",
+        ));
     };
     let account = caller.account(&state, &account_id)?;
     Ok(HttpResponse::Ok().json(json!({ "datasetId": account.metadata.meta_capi_dataset_id })))
@@ -343,7 +394,10 @@ fn meta_failure(error: crate::graph::GraphError) -> ApiError {
     ApiError::new(
         StatusCode::BAD_GATEWAY,
         "meta_error",
-        format!("Meta refused the dataset request. {}", error.actionable_message()),
+        format!(
+            "Meta refused the dataset request. {}",
+            error.actionable_message()
+        ),
     )
     .with_details(json!({
         "metaCode": error.meta_code(),

@@ -84,7 +84,7 @@ pub enum Begin {
     /// The record is stored as queued; the caller sends it.
     Started,
     /// The same (account, event name, event id) is already sent or queued: nothing is sent.
-    Existing(ConversionRecord),
+    Existing(Box<ConversionRecord>),
 }
 
 fn index_key(first: &str, created_at_ms: i64, record_key: &[u8]) -> Vec<u8> {
@@ -101,22 +101,32 @@ fn outbox_key(next_attempt_at_ms: i64, record_key: &[u8]) -> Vec<u8> {
 }
 
 /// Writes a record and keeps the indexes and the outbox in step with it.
-fn put(trees: &Trees, record: &ConversionRecord, previous: Option<&ConversionRecord>) -> Result<(), StoreError> {
+fn put(
+    trees: &Trees,
+    record: &ConversionRecord,
+    previous: Option<&ConversionRecord>,
+) -> Result<(), StoreError> {
     let record_key = record.record_key();
     if let Some(previous) = previous {
         if let Some(at) = previous.next_attempt_at_ms {
             trees.outbox.remove(outbox_key(at, &record_key))?;
         }
         if previous.created_at_ms != record.created_at_ms {
-            trees
-                .conversion_history
-                .remove(index_key(&previous.account_id, previous.created_at_ms, &record_key))?;
-            trees
-                .conversion_by_conversation
-                .remove(index_key(&previous.conversation_id, previous.created_at_ms, &record_key))?;
+            trees.conversion_history.remove(index_key(
+                &previous.account_id,
+                previous.created_at_ms,
+                &record_key,
+            ))?;
+            trees.conversion_by_conversation.remove(index_key(
+                &previous.conversation_id,
+                previous.created_at_ms,
+                &record_key,
+            ))?;
         }
     }
-    trees.conversion_records.insert(&record_key, encode(record)?)?;
+    trees
+        .conversion_records
+        .insert(&record_key, encode(record)?)?;
     trees.conversion_history.insert(
         index_key(&record.account_id, record.created_at_ms, &record_key),
         record_key.as_slice(),
@@ -132,10 +142,19 @@ fn put(trees: &Trees, record: &ConversionRecord, previous: Option<&ConversionRec
 }
 
 fn get(trees: &Trees, record_key: &[u8]) -> Result<Option<ConversionRecord>, StoreError> {
-    trees.conversion_records.get(record_key)?.map(|bytes| decode(&bytes)).transpose()
+    trees
+        .conversion_records
+        .get(record_key)?
+        .map(|bytes| decode(&bytes))
+        .transpose()
 }
 
-fn newest_first(trees: &Trees, index: &sled::Tree, first: &str, limit: usize) -> Result<Vec<ConversionRecord>, StoreError> {
+fn newest_first(
+    trees: &Trees,
+    index: &sled::Tree,
+    first: &str,
+    limit: usize,
+) -> Result<Vec<ConversionRecord>, StoreError> {
     let mut records = Vec::new();
     for item in index.scan_prefix(prefix(&[first])).rev() {
         if records.len() >= limit {
@@ -157,8 +176,11 @@ impl Store {
             let _writer = inner.writer.lock().expect("writer lock poisoned");
             let previous = get(&inner.trees, &record.record_key())?;
             if let Some(previous) = &previous {
-                if matches!(previous.status, ConversionStatus::Sent | ConversionStatus::Queued) {
-                    return Ok(Begin::Existing(previous.clone()));
+                if matches!(
+                    previous.status,
+                    ConversionStatus::Sent | ConversionStatus::Queued
+                ) {
+                    return Ok(Begin::Existing(Box::new(previous.clone())));
                 }
             }
             put(&inner.trees, &record, previous.as_ref())?;
@@ -178,7 +200,11 @@ impl Store {
     }
 
     /// Queued conversions whose next attempt is due, oldest first.
-    pub async fn due_conversions(&self, now_ms: i64, limit: usize) -> Result<Vec<ConversionRecord>, StoreError> {
+    pub async fn due_conversions(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<ConversionRecord>, StoreError> {
         self.run(move |inner| {
             let trees = &inner.trees;
             let mut due = Vec::new();
@@ -212,9 +238,20 @@ impl Store {
     }
 
     /// The account's conversions, newest first.
-    pub async fn conversion_history(&self, account_id: String, limit: usize) -> Result<Vec<ConversionRecord>, StoreError> {
-        self.run(move |inner| newest_first(&inner.trees, &inner.trees.conversion_history, &account_id, limit))
-            .await
+    pub async fn conversion_history(
+        &self,
+        account_id: String,
+        limit: usize,
+    ) -> Result<Vec<ConversionRecord>, StoreError> {
+        self.run(move |inner| {
+            newest_first(
+                &inner.trees,
+                &inner.trees.conversion_history,
+                &account_id,
+                limit,
+            )
+        })
+        .await
     }
 
     /// A conversation's conversions, newest first.
@@ -224,7 +261,12 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<ConversionRecord>, StoreError> {
         self.run(move |inner| {
-            newest_first(&inner.trees, &inner.trees.conversion_by_conversation, &conversation_id, limit)
+            newest_first(
+                &inner.trees,
+                &inner.trees.conversion_by_conversation,
+                &conversation_id,
+                limit,
+            )
         })
         .await
     }

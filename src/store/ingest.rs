@@ -212,7 +212,8 @@ impl Store {
                 };
                 let user: UserRecord = decode(&bytes)?;
                 let mut conversations = load_conversations(trees, &user.conversation_ids)?;
-                conversations.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+                conversations
+                    .sort_by_key(|conversation| std::cmp::Reverse(conversation.started_at));
                 results.push((user, conversations));
             }
             Ok(results)
@@ -294,7 +295,11 @@ fn ingest_message(
         return Ok(());
     };
     report.messages += 1;
-    match message.click.as_ref().map(|click| click.ctwa_clid.is_some()) {
+    match message
+        .click
+        .as_ref()
+        .map(|click| click.ctwa_clid.is_some())
+    {
         Some(true) => report.clicks_with_clid += 1,
         Some(false) => report.clicks_without_clid += 1,
         None => {}
@@ -362,10 +367,7 @@ fn ingest_automatic_event(
     event: AutomaticEvent,
     report: &mut IngestReport,
 ) -> Result<(), StoreError> {
-    let Some(marker) = trees
-        .messages
-        .get(key(&[account_id, &event.message_id]))?
-    else {
+    let Some(marker) = trees.messages.get(key(&[account_id, &event.message_id]))? else {
         let pending_key = key(&[account_id, &event.message_id, &event.event_name]);
         if trees
             .pending_events

@@ -18,7 +18,9 @@ use tokio::sync::oneshot;
 
 use crate::domain::account::{Account, ApiKey};
 
-pub use conversions::{Begin, ConversionFailure, ConversionRecord, ConversionSource, ConversionStatus};
+pub use conversions::{
+    Begin, ConversionFailure, ConversionRecord, ConversionSource, ConversionStatus,
+};
 pub use ingest::{IngestReport, UserRecord, WebhookParser};
 
 /// The on-disk layout this build reads and writes. Bump it with a migration when key encodings

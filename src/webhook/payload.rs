@@ -186,9 +186,15 @@ mod tests {
 
     #[test]
     fn timestamps_as_strings_numbers_and_milliseconds() {
-        assert_eq!(timestamp(Some(&Value::from("1750275992"))), Some(1750275992));
+        assert_eq!(
+            timestamp(Some(&Value::from("1750275992"))),
+            Some(1750275992)
+        );
         assert_eq!(timestamp(Some(&Value::from(1750275992))), Some(1750275992));
-        assert_eq!(timestamp(Some(&Value::from(1750275992123_i64))), Some(1750275992));
+        assert_eq!(
+            timestamp(Some(&Value::from(1750275992123_i64))),
+            Some(1750275992)
+        );
         assert_eq!(timestamp(Some(&Value::from("soon"))), None);
     }
 

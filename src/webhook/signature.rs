@@ -136,7 +136,11 @@ mod tests {
     fn malformed_headers_fail() {
         let secrets = [Secret::new("s")];
         let good = sign("s", b"x");
-        assert!(!verify_signature(&secrets, good.trim_start_matches("sha256="), b"x"));
+        assert!(!verify_signature(
+            &secrets,
+            good.trim_start_matches("sha256="),
+            b"x"
+        ));
         assert!(!verify_signature(&secrets, "sha256=zz", b"x"));
         assert!(!verify_signature(&secrets, "sha256=", b"x"));
         assert!(!verify_signature(&secrets, &good, b"y"));

@@ -6,10 +6,23 @@ use serde_json::{json, Value};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
-use crate::conversions::{app_with_click, click, convert, events_path, lead, meta_success, now, wait_for_status};
+use crate::conversions::{
+    app_with_click, app_with_click_using, click, convert, events_path, lead, meta_success, now,
+    wait_for_status,
+};
 use crate::helpers::{spawn_app_with, TestApp, ADMIN_TOKEN, SAMPLE_ACCOUNT_ID, SAMPLE_PHONE};
 
-fn meta_error(http_status: u16, code: i64, subcode: Option<i64>, message: &str) -> ResponseTemplate {
+/// A short request budget, for tests that wait for it to run out.
+fn short_budget(settings: &mut ctwa_relay::settings::Settings) {
+    settings.delivery_budget = Duration::from_millis(700);
+}
+
+fn meta_error(
+    http_status: u16,
+    code: i64,
+    subcode: Option<i64>,
+    message: &str,
+) -> ResponseTemplate {
     let mut error = json!({"message": message, "type": "OAuthException", "code": code, "fbtrace_id": format!("TRACE-{code}")});
     if let Some(subcode) = subcode {
         error["error_subcode"] = json!(subcode);
@@ -18,11 +31,14 @@ fn meta_error(http_status: u16, code: i64, subcode: Option<i64>, message: &str) 
 }
 
 async fn history(app: &TestApp) -> Value {
-    app.get(&format!("/v1/whatsapp/conversions?accountId={SAMPLE_ACCOUNT_ID}"), Some(ADMIN_TOKEN))
-        .await
-        .json()
-        .await
-        .unwrap()
+    app.get(
+        &format!("/v1/whatsapp/conversions?accountId={SAMPLE_ACCOUNT_ID}"),
+        Some(ADMIN_TOKEN),
+    )
+    .await
+    .json()
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -38,7 +54,12 @@ async fn permanent_meta_errors_fail_at_once_with_an_actionable_message() {
     ];
     for (template, code, hint) in cases {
         let (app, conversation_id) = app_with_click().await;
-        Mock::given(method("POST")).and(path(events_path())).respond_with(template).expect(1).mount(&app.graph).await;
+        Mock::given(method("POST"))
+            .and(path(events_path()))
+            .respond_with(template)
+            .expect(1)
+            .mount(&app.graph)
+            .await;
         let response = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "permanent")).await;
         assert_eq!(response.status(), 200, "{code}");
         let body: Value = response.json().await.unwrap();
@@ -49,7 +70,10 @@ async fn permanent_meta_errors_fail_at_once_with_an_actionable_message() {
         assert_eq!(failure["eventIndex"], 0);
         assert_eq!(failure["eventId"], "permanent");
         assert_eq!(failure["code"], code);
-        assert!(failure["message"].as_str().unwrap().contains(hint), "{code}: {failure}");
+        assert!(
+            failure["message"].as_str().unwrap().contains(hint),
+            "{code}: {failure}"
+        );
         assert_eq!(body["traceId"], format!("TRACE-{code}"));
         app.graph.verify().await;
     }
@@ -58,17 +82,49 @@ async fn permanent_meta_errors_fail_at_once_with_an_actionable_message() {
 #[tokio::test]
 async fn transient_meta_errors_are_retried_then_queued_with_202() {
     let cases = [
-        (meta_error(400, 4, None, "Application request limit reached"), "4"),
-        (meta_error(400, 17, None, "User request limit reached"), "17"),
-        (meta_error(400, 613, None, "Calls to this api have exceeded the rate limit"), "613"),
-        (meta_error(400, 80004, None, "There have been too many calls to this ad-account"), "80004"),
-        (meta_error(500, 2, None, "Service temporarily unavailable"), "2"),
+        (
+            meta_error(400, 4, None, "Application request limit reached"),
+            "4",
+        ),
+        (
+            meta_error(400, 17, None, "User request limit reached"),
+            "17",
+        ),
+        (
+            meta_error(
+                400,
+                613,
+                None,
+                "Calls to this api have exceeded the rate limit",
+            ),
+            "613",
+        ),
+        (
+            meta_error(
+                400,
+                80004,
+                None,
+                "There have been too many calls to this ad-account",
+            ),
+            "80004",
+        ),
+        (
+            meta_error(500, 2, None, "Service temporarily unavailable"),
+            "2",
+        ),
         (ResponseTemplate::new(503), "http_503"),
-        (ResponseTemplate::new(502).set_body_string("<html>Bad gateway</html>"), "http_502"),
+        (
+            ResponseTemplate::new(502).set_body_string("<html>Bad gateway</html>"),
+            "http_502",
+        ),
     ];
     for (template, code) in cases {
-        let (app, conversation_id) = app_with_click().await;
-        Mock::given(method("POST")).and(path(events_path())).respond_with(template).mount(&app.graph).await;
+        let (app, conversation_id) = app_with_click_using(short_budget).await;
+        Mock::given(method("POST"))
+            .and(path(events_path()))
+            .respond_with(template)
+            .mount(&app.graph)
+            .await;
         let response = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "transient")).await;
         assert_eq!(response.status(), 202, "{code}");
         let body: Value = response.json().await.unwrap();
@@ -77,13 +133,20 @@ async fn transient_meta_errors_are_retried_then_queued_with_202() {
         assert_eq!(body["platform"], "metaads");
         assert_eq!(body["lastError"]["code"], code);
         let attempts = app.graph.received_requests().await.unwrap().len();
-        assert!(attempts >= 2, "{code}: retried inside the request, {attempts} attempts");
+        assert!(
+            attempts >= 2,
+            "{code}: retried inside the request, {attempts} attempts"
+        );
     }
 }
 
 #[tokio::test]
 async fn a_timeout_is_transient() {
-    let (app, conversation_id) = app_with_click().await;
+    let (app, conversation_id) = app_with_click_using(|settings| {
+        settings.graph_timeout = Duration::from_millis(300);
+        short_budget(settings);
+    })
+    .await;
     Mock::given(method("POST"))
         .and(path(events_path()))
         .respond_with(meta_success("LATE").set_delay(Duration::from_secs(2)))
@@ -97,10 +160,25 @@ async fn a_timeout_is_transient() {
 
 #[tokio::test]
 async fn a_refused_connection_is_transient() {
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let app = spawn_app_with(|settings| settings.graph_url = format!("http://127.0.0.1:{closed_port}")).await;
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = spawn_app_with(|settings| {
+        settings.graph_url = format!("http://127.0.0.1:{closed_port}");
+        short_budget(settings);
+    })
+    .await;
     app.register_sample_account().await;
-    let conversation_id = click(&app, "wamid.REFUSED", SAMPLE_PHONE, now() - 60, Some("CLID")).await;
+    let conversation_id = click(
+        &app,
+        "wamid.REFUSED",
+        SAMPLE_PHONE,
+        now() - 60,
+        Some("CLID"),
+    )
+    .await;
     let response = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "refused")).await;
     assert_eq!(response.status(), 202);
     let body: Value = response.json().await.unwrap();
@@ -110,11 +188,24 @@ async fn a_refused_connection_is_transient() {
 #[tokio::test]
 async fn a_malformed_answer_or_zero_events_received_is_a_failure_not_retried() {
     for (template, code) in [
-        (ResponseTemplate::new(200).set_body_string("<html>ok</html>"), "malformed_response"),
-        (ResponseTemplate::new(200).set_body_json(json!({"events_received": 0, "messages": [], "fbtrace_id": "TRACE-ZERO"})), "events_received_zero"),
+        (
+            ResponseTemplate::new(200).set_body_string("<html>ok</html>"),
+            "malformed_response",
+        ),
+        (
+            ResponseTemplate::new(200).set_body_json(
+                json!({"events_received": 0, "messages": [], "fbtrace_id": "TRACE-ZERO"}),
+            ),
+            "events_received_zero",
+        ),
     ] {
         let (app, conversation_id) = app_with_click().await;
-        Mock::given(method("POST")).and(path(events_path())).respond_with(template).expect(1).mount(&app.graph).await;
+        Mock::given(method("POST"))
+            .and(path(events_path()))
+            .respond_with(template)
+            .expect(1)
+            .mount(&app.graph)
+            .await;
         let response = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "odd")).await;
         assert_eq!(response.status(), 200, "{code}");
         let body: Value = response.json().await.unwrap();
@@ -134,7 +225,12 @@ async fn a_transient_failure_then_success_is_sent_inside_the_request() {
         .expect(1)
         .mount(&app.graph)
         .await;
-    Mock::given(method("POST")).and(path(events_path())).respond_with(meta_success("AFTER-RETRY")).expect(1).mount(&app.graph).await;
+    Mock::given(method("POST"))
+        .and(path(events_path()))
+        .respond_with(meta_success("AFTER-RETRY"))
+        .expect(1)
+        .mount(&app.graph)
+        .await;
     let response = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "flaky")).await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
@@ -147,14 +243,19 @@ async fn a_transient_failure_then_success_is_sent_inside_the_request() {
 
 #[tokio::test]
 async fn the_outbox_delivers_after_an_outage_ends() {
-    let (app, conversation_id) = app_with_click().await;
+    let (app, conversation_id) = app_with_click_using(short_budget).await;
     Mock::given(method("POST"))
         .and(path(events_path()))
         .respond_with(ResponseTemplate::new(503))
         .up_to_n_times(4)
         .mount(&app.graph)
         .await;
-    Mock::given(method("POST")).and(path(events_path())).respond_with(meta_success("FROM-OUTBOX")).expect(1).mount(&app.graph).await;
+    Mock::given(method("POST"))
+        .and(path(events_path()))
+        .respond_with(meta_success("FROM-OUTBOX"))
+        .expect(1)
+        .mount(&app.graph)
+        .await;
     let response = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "outage")).await;
     assert_eq!(response.status(), 202);
     let history = wait_for_status(&app, "sent").await;
@@ -162,16 +263,29 @@ async fn the_outbox_delivers_after_an_outage_ends() {
     assert_eq!(item["traceId"], "FROM-OUTBOX");
     assert!(item["attempts"].as_u64().unwrap() >= 5);
     // A repeat after delivery is deduplicated, not sent.
-    let repeat: Value = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "outage")).await.json().await.unwrap();
+    let repeat: Value = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "outage"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(repeat["deduplicated"], true);
     assert_eq!(repeat["status"], "sent");
 }
 
 #[tokio::test]
 async fn a_repeat_while_queued_is_not_sent_again() {
-    let (app, conversation_id) = app_with_click().await;
-    Mock::given(method("POST")).and(path(events_path())).respond_with(ResponseTemplate::new(503)).mount(&app.graph).await;
-    assert_eq!(convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "q")).await.status(), 202);
+    let (app, conversation_id) = app_with_click_using(short_budget).await;
+    Mock::given(method("POST"))
+        .and(path(events_path()))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&app.graph)
+        .await;
+    assert_eq!(
+        convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "q"))
+            .await
+            .status(),
+        202
+    );
     let before = app.graph.received_requests().await.unwrap().len();
     let repeat = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "q")).await;
     assert_eq!(repeat.status(), 202);
@@ -185,8 +299,12 @@ async fn a_repeat_while_queued_is_not_sent_again() {
 
 #[tokio::test]
 async fn a_conversion_still_queued_after_seven_days_expires() {
-    let (app, conversation_id) = app_with_click().await;
-    Mock::given(method("POST")).and(path(events_path())).respond_with(ResponseTemplate::new(503)).mount(&app.graph).await;
+    let (app, conversation_id) = app_with_click_using(short_budget).await;
+    Mock::given(method("POST"))
+        .and(path(events_path()))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&app.graph)
+        .await;
     let mut body = lead(&conversation_id, "too-late");
     body["eventTime"] = json!(now() - 6 * 86_400);
     assert_eq!(convert(&app, ADMIN_TOKEN, &body).await.status(), 202);
@@ -205,26 +323,62 @@ async fn a_conversion_still_queued_after_seven_days_expires() {
 
 #[tokio::test]
 async fn the_history_shows_every_outcome_newest_first() {
-    let (app, conversation_id) = app_with_click().await;
-    Mock::given(method("POST")).and(path(events_path())).respond_with(meta_success("OK-1")).up_to_n_times(1).mount(&app.graph).await;
+    let (app, conversation_id) = app_with_click_using(short_budget).await;
+    Mock::given(method("POST"))
+        .and(path(events_path()))
+        .respond_with(meta_success("OK-1"))
+        .up_to_n_times(1)
+        .mount(&app.graph)
+        .await;
     Mock::given(method("POST"))
         .and(path(events_path()))
         .respond_with(meta_error(400, 190, None, "expired token"))
         .up_to_n_times(1)
         .mount(&app.graph)
         .await;
-    Mock::given(method("POST")).and(path(events_path())).respond_with(ResponseTemplate::new(503)).mount(&app.graph).await;
-    assert_eq!(convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "h-sent")).await.status(), 200);
-    assert_eq!(convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "h-failed")).await.status(), 200);
-    assert_eq!(convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "h-queued")).await.status(), 202);
+    Mock::given(method("POST"))
+        .and(path(events_path()))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&app.graph)
+        .await;
+    assert_eq!(
+        convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "h-sent"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "h-failed"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "h-queued"))
+            .await
+            .status(),
+        202
+    );
 
     let history = history(&app).await;
     let events = history["events"].as_array().unwrap();
     let summary: Vec<(&str, &str)> = events
         .iter()
-        .map(|event| (event["eventId"].as_str().unwrap(), event["status"].as_str().unwrap()))
+        .map(|event| {
+            (
+                event["eventId"].as_str().unwrap(),
+                event["status"].as_str().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(summary, [("h-queued", "queued"), ("h-failed", "failed"), ("h-sent", "sent")]);
+    assert_eq!(
+        summary,
+        [
+            ("h-queued", "queued"),
+            ("h-failed", "failed"),
+            ("h-sent", "sent")
+        ]
+    );
     let sent = &events[2];
     assert_eq!(sent["eventsReceived"], 1);
     assert_eq!(sent["traceId"], "OK-1");
@@ -236,7 +390,10 @@ async fn the_history_shows_every_outcome_newest_first() {
     assert_eq!(events[1]["errorCode"], "190");
 
     let limited = app
-        .get(&format!("/v1/whatsapp/conversions?accountId={SAMPLE_ACCOUNT_ID}&limit=1"), Some(ADMIN_TOKEN))
+        .get(
+            &format!("/v1/whatsapp/conversions?accountId={SAMPLE_ACCOUNT_ID}&limit=1"),
+            Some(ADMIN_TOKEN),
+        )
         .await
         .json::<Value>()
         .await
@@ -244,16 +401,25 @@ async fn the_history_shows_every_outcome_newest_first() {
     assert_eq!(limited["events"].as_array().unwrap().len(), 1);
     for bad in ["limit=0", "limit=201"] {
         let response = app
-            .get(&format!("/v1/whatsapp/conversions?accountId={SAMPLE_ACCOUNT_ID}&{bad}"), Some(ADMIN_TOKEN))
+            .get(
+                &format!("/v1/whatsapp/conversions?accountId={SAMPLE_ACCOUNT_ID}&{bad}"),
+                Some(ADMIN_TOKEN),
+            )
             .await;
         assert_eq!(response.status(), 400, "{bad}");
     }
     // The conversation lookup shows its recent conversions too.
     let conversation: Value = app
-        .get(&format!("/v1/whatsapp/conversations/{conversation_id}"), Some(ADMIN_TOKEN))
+        .get(
+            &format!("/v1/whatsapp/conversations/{conversation_id}"),
+            Some(ADMIN_TOKEN),
+        )
         .await
         .json()
         .await
         .unwrap();
-    assert_eq!(conversation["recentConversions"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        conversation["recentConversions"].as_array().unwrap().len(),
+        3
+    );
 }

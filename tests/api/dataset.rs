@@ -34,7 +34,11 @@ async fn stored_dataset(app: &TestApp) -> Value {
 #[tokio::test]
 async fn get_reads_the_account_and_never_calls_meta() {
     let app = app_with_account_without_dataset().await;
-    Mock::given(wiremock::matchers::any()).respond_with(ResponseTemplate::new(500)).expect(0).mount(&app.graph).await;
+    Mock::given(wiremock::matchers::any())
+        .respond_with(ResponseTemplate::new(500))
+        .expect(0)
+        .mount(&app.graph)
+        .await;
     assert_eq!(stored_dataset(&app).await, Value::Null);
     let missing = app.get("/v1/whatsapp/dataset", Some(ADMIN_TOKEN)).await;
     assert_eq!(missing.status(), 400);
@@ -45,7 +49,10 @@ async fn post_creates_a_dataset_when_meta_has_none_and_is_idempotent() {
     let app = app_with_account_without_dataset().await;
     Mock::given(method("GET"))
         .and(path(dataset_path()))
-        .and(header("authorization", format!("Bearer {ACCESS_TOKEN}").as_str()))
+        .and(header(
+            "authorization",
+            format!("Bearer {ACCESS_TOKEN}").as_str(),
+        ))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"data": []})))
         .up_to_n_times(1)
         .expect(1)
@@ -57,20 +64,32 @@ async fn post_creates_a_dataset_when_meta_has_none_and_is_idempotent() {
         .expect(1)
         .mount(&app.graph)
         .await;
-    let created = app.admin_post("/v1/whatsapp/dataset", &json!({"accountId": "acc_ds"})).await;
+    let created = app
+        .admin_post("/v1/whatsapp/dataset", &json!({"accountId": "acc_ds"}))
+        .await;
     assert_eq!(created.status(), 200);
-    assert_eq!(created.json::<Value>().await.unwrap(), json!({"datasetId": "555000111", "created": true}));
+    assert_eq!(
+        created.json::<Value>().await.unwrap(),
+        json!({"datasetId": "555000111", "created": true})
+    );
     assert_eq!(stored_dataset(&app).await, "555000111");
 
     // Meta now reports the dataset: the second call reads it and creates nothing.
     Mock::given(method("GET"))
         .and(path(dataset_path()))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"data": [{"id": "555000111"}]})))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"data": [{"id": "555000111"}]})),
+        )
         .expect(1)
         .mount(&app.graph)
         .await;
-    let again = app.admin_post("/v1/whatsapp/dataset", &json!({"accountId": "acc_ds"})).await;
-    assert_eq!(again.json::<Value>().await.unwrap(), json!({"datasetId": "555000111", "created": false}));
+    let again = app
+        .admin_post("/v1/whatsapp/dataset", &json!({"accountId": "acc_ds"}))
+        .await;
+    assert_eq!(
+        again.json::<Value>().await.unwrap(),
+        json!({"datasetId": "555000111", "created": false})
+    );
 }
 
 #[tokio::test]
@@ -82,9 +101,19 @@ async fn post_adopts_an_existing_dataset() {
         .expect(1)
         .mount(&app.graph)
         .await;
-    Mock::given(method("POST")).and(path(dataset_path())).respond_with(ResponseTemplate::new(200)).expect(0).mount(&app.graph).await;
-    let response = app.admin_post("/v1/whatsapp/dataset", &json!({"accountId": "acc_ds"})).await;
-    assert_eq!(response.json::<Value>().await.unwrap(), json!({"datasetId": "777", "created": false}));
+    Mock::given(method("POST"))
+        .and(path(dataset_path()))
+        .respond_with(ResponseTemplate::new(200))
+        .expect(0)
+        .mount(&app.graph)
+        .await;
+    let response = app
+        .admin_post("/v1/whatsapp/dataset", &json!({"accountId": "acc_ds"}))
+        .await;
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"datasetId": "777", "created": false})
+    );
     assert_eq!(stored_dataset(&app).await, "777");
 }
 
@@ -96,7 +125,9 @@ async fn meta_errors_answer_502_with_the_code_and_a_hint() {
         .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": {"message": "Invalid OAuth access token", "type": "OAuthException", "code": 190, "fbtrace_id": "DS-TRACE"}})))
         .mount(&app.graph)
         .await;
-    let response = app.admin_post("/v1/whatsapp/dataset", &json!({"accountId": "acc_ds"})).await;
+    let response = app
+        .admin_post("/v1/whatsapp/dataset", &json!({"accountId": "acc_ds"}))
+        .await;
     assert_eq!(response.status(), 502);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["code"], "meta_error");

@@ -1,14 +1,14 @@
 //! The test harness: the real application on a random port, a temporary store, and a wiremock
 //! server standing in for Meta's Graph API. Nothing here reaches the internet.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Once};
+use std::path::Path;
+use std::sync::Once;
 use std::time::Duration;
 
 use ctwa_relay::clock::{Clock, ManualClock};
 use ctwa_relay::secret::Secret;
 use ctwa_relay::settings::Settings;
-use ctwa_relay::startup::{AppState, Application};
+use ctwa_relay::startup::Application;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -44,8 +44,6 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub graph: MockServer,
     pub clock: ManualClock,
-    pub state: Arc<AppState>,
-    pub data_dir: PathBuf,
     _temp: Option<TempDir>,
 }
 
@@ -58,8 +56,9 @@ pub fn test_settings(data_dir: &Path, graph_url: &str) -> Settings {
         admin_token: Some(Secret::new(ADMIN_TOKEN)),
         graph_url: graph_url.to_string(),
         workers: 1,
-        graph_timeout: Duration::from_millis(500),
-        delivery_budget: Duration::from_millis(600),
+        // Generous, so a loaded machine does not turn a quick mock answer into a timeout.
+        graph_timeout: Duration::from_secs(3),
+        delivery_budget: Duration::from_secs(4),
         outbox_poll_interval: Duration::from_millis(50),
         outbox_backoff_base: Duration::from_millis(100),
         outbox_backoff_max: Duration::from_millis(400),
@@ -75,7 +74,9 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     init_tracing();
     let temp = tempfile::tempdir().expect("a temporary directory");
-    let graph = MockServer::start().await;
+    // Not from wiremock's pool: a pooled server can be handed to the next test while a
+    // previous test's server still retries against it.
+    let graph = MockServer::builder().start().await;
     let mut settings = test_settings(temp.path(), &graph.uri());
     configure(&mut settings);
     let (clock, handle) = Clock::adjustable();
@@ -83,7 +84,6 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
         .await
         .expect("the application builds");
     let address = format!("http://127.0.0.1:{}", application.port());
-    let state = application.state();
     tokio::spawn(application.run_until_stopped());
     TestApp {
         address,
@@ -93,8 +93,6 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
             .unwrap(),
         graph,
         clock: handle,
-        state,
-        data_dir: temp.path().to_path_buf(),
         _temp: Some(temp),
     }
 }
@@ -111,7 +109,9 @@ pub fn sign(body: &[u8]) -> String {
 
 /// A file under `fixtures/`.
 pub fn fixture(name: &str) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
     std::fs::read(&path).unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()))
 }
 
@@ -174,7 +174,12 @@ pub fn referral(ctwa_clid: Option<&str>, source_id: &str) -> Value {
 }
 
 /// An `automatic_events` webhook for the sample number.
-pub fn automatic_event_webhook(message_id: &str, event_name: &str, ctwa_clid: Option<&str>, value: Option<i64>) -> Value {
+pub fn automatic_event_webhook(
+    message_id: &str,
+    event_name: &str,
+    ctwa_clid: Option<&str>,
+    value: Option<i64>,
+) -> Value {
     let mut event = json!({"id": message_id, "event_name": event_name, "timestamp": 1749069089});
     if let Some(ctwa_clid) = ctwa_clid {
         event["ctwa_clid"] = json!(ctwa_clid);
@@ -209,7 +214,11 @@ impl TestApp {
         self.post_webhook(&serde_json::to_vec(body).unwrap()).await
     }
 
-    pub async fn post_webhook_signed(&self, body: &[u8], signature: Option<&str>) -> reqwest::Response {
+    pub async fn post_webhook_signed(
+        &self,
+        body: &[u8],
+        signature: Option<&str>,
+    ) -> reqwest::Response {
         let mut request = self
             .client
             .post(self.url("/webhooks/whatsapp"))
@@ -244,7 +253,8 @@ impl TestApp {
     }
 
     pub async fn admin_post(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.send_json(reqwest::Method::POST, path, Some(ADMIN_TOKEN), body).await
+        self.send_json(reqwest::Method::POST, path, Some(ADMIN_TOKEN), body)
+            .await
     }
 
     /// Registers the account the Meta samples are addressed to, with a dataset.
@@ -270,7 +280,10 @@ impl TestApp {
     /// Creates an API key scoped to `account_ids` and returns its secret.
     pub async fn create_key(&self, account_ids: &[&str]) -> String {
         let response = self
-            .admin_post("/v1/admin/api-keys", &json!({"name": "test key", "accountIds": account_ids}))
+            .admin_post(
+                "/v1/admin/api-keys",
+                &json!({"name": "test key", "accountIds": account_ids}),
+            )
             .await;
         assert_eq!(response.status(), 201, "creating an API key");
         let body: Value = response.json().await.unwrap();
@@ -280,7 +293,10 @@ impl TestApp {
     /// `GET /v1/whatsapp/attribution?phone=…` with the admin token.
     pub async fn attribution(&self, phone: &str) -> Value {
         let response = self
-            .get(&format!("/v1/whatsapp/attribution?phone={phone}"), Some(ADMIN_TOKEN))
+            .get(
+                &format!("/v1/whatsapp/attribution?phone={phone}"),
+                Some(ADMIN_TOKEN),
+            )
             .await;
         assert_eq!(response.status(), 200);
         response.json().await.unwrap()
@@ -345,7 +361,10 @@ impl TestApp {
     /// `GET /v1/whatsapp/conversations/{id}` with the admin token.
     pub async fn conversation(&self, id: &str) -> Value {
         let response = self
-            .get(&format!("/v1/whatsapp/conversations/{id}"), Some(ADMIN_TOKEN))
+            .get(
+                &format!("/v1/whatsapp/conversations/{id}"),
+                Some(ADMIN_TOKEN),
+            )
             .await;
         assert_eq!(response.status(), 200, "conversation {id}");
         response.json().await.unwrap()

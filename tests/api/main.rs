@@ -2,10 +2,13 @@
 
 mod helpers;
 
+mod admin;
+mod attribution;
 mod conversion_delivery;
 mod conversions;
 mod dataset;
+mod durability;
 mod health;
 mod webhook_handshake;
-mod webhook_signature;
 mod webhook_samples;
+mod webhook_signature;

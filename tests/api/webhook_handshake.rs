@@ -39,7 +39,10 @@ async fn a_wrong_token_or_mode_is_403() {
 async fn without_a_configured_token_the_handshake_is_refused() {
     let app = spawn_app_with(|settings| settings.verify_token = None).await;
     let response = app
-        .get("/webhooks/whatsapp?hub.mode=subscribe&hub.challenge=1&hub.verify_token=", None)
+        .get(
+            "/webhooks/whatsapp?hub.mode=subscribe&hub.challenge=1&hub.verify_token=",
+            None,
+        )
         .await;
     assert_eq!(response.status(), 403);
 }

@@ -48,9 +48,15 @@ async fn a_ctwa_referral_is_captured_verbatim_with_every_field() {
     assert_eq!(metadata["ctwa_headline"], "Chat with us");
     assert_eq!(metadata["ctwa_body"], "Summer Succulents are here!");
     assert_eq!(metadata["ctwa_media_type"], "image");
-    assert_eq!(metadata["ctwa_image_url"], "https://scontent.xx.fbcdn.net/v/t45.1...");
+    assert_eq!(
+        metadata["ctwa_image_url"],
+        "https://scontent.xx.fbcdn.net/v/t45.1..."
+    );
     assert_eq!(metadata["ctwa_video_url"], Value::Null);
-    assert_eq!(metadata["ctwa_welcome_message"], "Hi there! Let us know how we can help!");
+    assert_eq!(
+        metadata["ctwa_welcome_message"],
+        "Hi there! Let us know how we can help!"
+    );
     assert_eq!(metadata["ctwa_clicked_at"], "2025-06-18T19:46:32Z");
     assert_eq!(
         metadata["ctwa_message_id"],
@@ -63,7 +69,10 @@ async fn a_ctwa_referral_is_captured_verbatim_with_every_field() {
     // The same conversation by id.
     let id = conversations[0]["id"].as_str().unwrap();
     let response = app
-        .get(&format!("/v1/whatsapp/conversations/{id}"), Some(crate::helpers::ADMIN_TOKEN))
+        .get(
+            &format!("/v1/whatsapp/conversations/{id}"),
+            Some(crate::helpers::ADMIN_TOKEN),
+        )
         .await;
     assert_eq!(response.status(), 200);
     let by_id: Value = response.json().await.unwrap();
@@ -73,7 +82,11 @@ async fn a_ctwa_referral_is_captured_verbatim_with_every_field() {
 #[tokio::test]
 async fn a_status_ad_referral_keeps_the_ad_without_a_click_id() {
     let app = app_with_account().await;
-    post_fixture(&app, "meta/wa_04_text_ctwa_status_ad_no_ctwa_clid_DERIVED.json").await;
+    post_fixture(
+        &app,
+        "meta/wa_04_text_ctwa_status_ad_no_ctwa_clid_DERIVED.json",
+    )
+    .await;
     let conversations = app.sample_conversations(SAMPLE_PHONE).await;
     assert_eq!(conversations.len(), 1);
     let metadata = &conversations[0]["metadata"];
@@ -94,8 +107,14 @@ async fn statuses_are_acknowledged_and_open_nothing() {
     post_fixture(&app, "meta/wa_06_status_failed.json").await;
     assert!(app.sample_conversations(SAMPLE_PHONE).await.is_empty());
     let metrics = app.metrics().await;
-    assert_eq!(crate::helpers::metric_value(&metrics, "ctwa_messages_total"), Some(0.0));
-    assert_eq!(crate::helpers::metric_value(&metrics, "ctwa_webhooks_verified_total"), Some(2.0));
+    assert_eq!(
+        crate::helpers::metric_value(&metrics, "ctwa_messages_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        crate::helpers::metric_value(&metrics, "ctwa_webhooks_verified_total"),
+        Some(2.0)
+    );
 }
 
 #[tokio::test]

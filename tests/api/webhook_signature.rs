@@ -8,7 +8,13 @@ use crate::helpers::{
 #[tokio::test]
 async fn a_valid_signature_is_accepted_with_exactly_200() {
     let app = spawn_app().await;
-    let body = serde_json::to_vec(&messages_webhook(&[("wamid.S1", SAMPLE_PHONE, 1750275992, None)])).unwrap();
+    let body = serde_json::to_vec(&messages_webhook(&[(
+        "wamid.S1",
+        SAMPLE_PHONE,
+        1750275992,
+        None,
+    )]))
+    .unwrap();
     let response = app.post_webhook(&body).await;
     assert_eq!(response.status().as_u16(), 200);
 }
@@ -27,13 +33,19 @@ async fn missing_or_wrong_signatures_are_401_and_store_nothing() {
 
     let missing = app.post_webhook_signed(&body, None).await;
     assert_eq!(missing.status(), 401);
-    assert_eq!(missing.json::<Value>().await.unwrap()["code"], "missing_signature");
+    assert_eq!(
+        missing.json::<Value>().await.unwrap()["code"],
+        "missing_signature"
+    );
 
     let wrong = app
         .post_webhook_signed(&body, Some(&sign_with("not-our-secret", &body)))
         .await;
     assert_eq!(wrong.status(), 401);
-    assert_eq!(wrong.json::<Value>().await.unwrap()["code"], "invalid_signature");
+    assert_eq!(
+        wrong.json::<Value>().await.unwrap()["code"],
+        "invalid_signature"
+    );
 
     let garbage = app.post_webhook_signed(&body, Some("sha256=nothex")).await;
     assert_eq!(garbage.status(), 401);
@@ -45,9 +57,15 @@ async fn missing_or_wrong_signatures_are_401_and_store_nothing() {
 
     assert!(app.sample_conversations(SAMPLE_PHONE).await.is_empty());
     let metrics = app.metrics().await;
-    assert_eq!(metric_value(&metrics, "ctwa_webhooks_verified_total"), Some(0.0));
     assert_eq!(
-        metric_value(&metrics, "ctwa_webhooks_rejected_total{reason=\"invalid_signature\"}"),
+        metric_value(&metrics, "ctwa_webhooks_verified_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "ctwa_webhooks_rejected_total{reason=\"invalid_signature\"}"
+        ),
         Some(3.0)
     );
 }
@@ -87,33 +105,54 @@ async fn escaped_non_ascii_is_verified_on_the_raw_bytes() {
     assert_eq!(conversations.len(), 1);
     assert_eq!(conversations[0]["user"]["name"], "Jürgen Müller 😀");
     assert_eq!(conversations[0]["metadata"]["ctwa_clid"], "CLID/UNICODE");
-    assert_eq!(conversations[0]["metadata"]["ctwa_source_url"], "https://fb.me/x");
+    assert_eq!(
+        conversations[0]["metadata"]["ctwa_source_url"],
+        "https://fb.me/x"
+    );
 }
 
 #[tokio::test]
 async fn a_valid_signature_over_invalid_json_is_journaled_and_acknowledged() {
     let app = spawn_app().await;
-    for body in [&b"{this is not json"[..], br#"{"object":"page","entries":[]}"#] {
+    for body in [
+        &b"{this is not json"[..],
+        br#"{"object":"page","entries":[]}"#,
+    ] {
         let response = app.post_webhook(body).await;
         assert_eq!(response.status(), 200);
     }
     let metrics = app.metrics().await;
-    assert_eq!(metric_value(&metrics, "ctwa_webhooks_unparseable_total"), Some(2.0));
-    assert_eq!(metric_value(&metrics, "ctwa_webhooks_verified_total"), Some(2.0));
+    assert_eq!(
+        metric_value(&metrics, "ctwa_webhooks_unparseable_total"),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "ctwa_webhooks_verified_total"),
+        Some(2.0)
+    );
 }
 
 #[tokio::test]
 async fn bodies_over_4_mib_are_413() {
     let app = spawn_app().await;
     let padding = "x".repeat(4 * 1024 * 1024);
-    let body = serde_json::to_vec(&json!({"object": "whatsapp_business_account", "entry": [], "pad": padding})).unwrap();
+    let body = serde_json::to_vec(
+        &json!({"object": "whatsapp_business_account", "entry": [], "pad": padding}),
+    )
+    .unwrap();
     let response = app.post_webhook(&body).await;
     assert_eq!(response.status(), 413);
-    assert_eq!(response.json::<Value>().await.unwrap()["code"], "payload_too_large");
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["code"],
+        "payload_too_large"
+    );
 
     // A large body under the limit is fine.
     let padding = "x".repeat(3 * 1024 * 1024);
-    let body = serde_json::to_vec(&json!({"object": "whatsapp_business_account", "entry": [], "pad": padding})).unwrap();
+    let body = serde_json::to_vec(
+        &json!({"object": "whatsapp_business_account", "entry": [], "pad": padding}),
+    )
+    .unwrap();
     assert_eq!(app.post_webhook(&body).await.status(), 200);
 }
 
@@ -123,5 +162,8 @@ async fn without_an_app_secret_webhooks_are_503() {
     let body = b"{}";
     let response = app.post_webhook(body).await;
     assert_eq!(response.status(), 503);
-    assert_eq!(response.json::<Value>().await.unwrap()["code"], "webhook_not_configured");
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["code"],
+        "webhook_not_configured"
+    );
 }

@@ -1,0 +1,356 @@
+//! The real binary, killed and restarted on the same data directory: every webhook answered 200
+//! survives (SPEC §3), and SIGTERM stops it cleanly (SPEC §4.7).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::helpers::{
+    messages_webhook, referral, sign, ACCESS_TOKEN, ADMIN_TOKEN, APP_SECRET, SAMPLE_ACCOUNT_ID,
+    SAMPLE_DATASET_ID, SAMPLE_PHONE_NUMBER_ID, SAMPLE_WABA_ID, VERIFY_TOKEN,
+};
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// A `ctwa-relay serve` child process. Dropping it kills the process, so a failing test never
+/// leaves a server behind.
+struct RunningServer {
+    child: Child,
+    address: String,
+    client: reqwest::Client,
+    output: Arc<Mutex<Vec<String>>>,
+}
+
+/// Removes ANSI escape sequences (`ESC [ … letter`) from a log line.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for next in chars.by_ref() {
+                    if next.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Copies every line of `stream` into `output` (and to `lines`, if given) until it closes. The
+/// pipe is always drained, so the server never blocks on a full stdout.
+fn drain_lines(
+    stream: impl Read + Send + 'static,
+    output: Arc<Mutex<Vec<String>>>,
+    lines: Option<mpsc::UnboundedSender<String>>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            let line = strip_ansi(&line);
+            output.lock().unwrap().push(line.clone());
+            if let Some(lines) = &lines {
+                let _ = lines.send(line);
+            }
+        }
+    });
+}
+
+impl RunningServer {
+    async fn start(data_dir: &Path) -> RunningServer {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ctwa-relay"))
+            .arg("serve")
+            .env_remove("CTWA_CONFIG")
+            .env("CTWA_LISTEN", "127.0.0.1:0")
+            .env("CTWA_DATA_DIR", data_dir)
+            .env("CTWA_APP_SECRETS", APP_SECRET)
+            .env("CTWA_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("CTWA_VERIFY_TOKEN", VERIFY_TOKEN)
+            .env("CTWA_GRAPH_URL", "http://127.0.0.1:9")
+            .env("CTWA_LOG_FORMAT", "text")
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the ctwa-relay binary starts");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (sender, mut lines) = mpsc::unbounded_channel();
+        drain_lines(child.stdout.take().unwrap(), output.clone(), Some(sender));
+        drain_lines(child.stderr.take().unwrap(), output.clone(), None);
+        // Keep-alive connections would hold a graceful shutdown open; one request per connection.
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let mut server = RunningServer {
+            child,
+            address: String::new(),
+            client,
+            output,
+        };
+        let found = tokio::time::timeout(START_TIMEOUT, async {
+            while let Some(line) = lines.recv().await {
+                if let Some((_, rest)) = line.split_once("listening on http://") {
+                    let address = rest.split_whitespace().next().unwrap_or_default();
+                    return Some(format!("http://{address}"));
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(address)) => server.address = address,
+            Ok(None) => panic!("the server exited before listening:\n{}", server.log()),
+            Err(_) => panic!(
+                "the server did not listen within {START_TIMEOUT:?}:\n{}",
+                server.log()
+            ),
+        }
+        server
+    }
+
+    fn log(&self) -> String {
+        self.output.lock().unwrap().join("\n")
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    async fn register_sample_account(&self) {
+        let response = self
+            .client
+            .post(self.url("/v1/admin/accounts"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({
+                "id": SAMPLE_ACCOUNT_ID,
+                "phoneNumberId": SAMPLE_PHONE_NUMBER_ID,
+                "wabaId": SAMPLE_WABA_ID,
+                "accessToken": ACCESS_TOKEN,
+                "metadata": {"metaCapiDatasetId": SAMPLE_DATASET_ID}
+            }))
+            .send()
+            .await
+            .expect("the server answers");
+        assert_eq!(
+            response.status(),
+            201,
+            "registering the account:\n{}",
+            self.log()
+        );
+    }
+
+    /// Sends every body concurrently, signed, and checks each is answered exactly 200.
+    async fn post_webhooks_concurrently(&self, bodies: Vec<Vec<u8>>) {
+        let mut posts = tokio::task::JoinSet::new();
+        for body in bodies {
+            let request = self
+                .client
+                .post(self.url("/webhooks/whatsapp"))
+                .header("content-type", "application/json")
+                .header("X-Hub-Signature-256", sign(&body))
+                .body(body);
+            posts.spawn(async move {
+                request
+                    .send()
+                    .await
+                    .map(|response| response.status().as_u16())
+            });
+        }
+        while let Some(outcome) = posts.join_next().await {
+            let status = outcome
+                .expect("the request task")
+                .expect("the server answers");
+            assert_eq!(
+                status,
+                200,
+                "a webhook was not acknowledged:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    /// The sample account's conversations of `phone`.
+    async fn conversations(&self, phone: &str) -> Vec<Value> {
+        let response = self
+            .client
+            .get(self.url(&format!("/v1/whatsapp/attribution?phone={phone}")))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("the server answers");
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|result| result["accountId"] == SAMPLE_ACCOUNT_ID)
+            .flat_map(|result| result["conversations"].as_array().unwrap().clone())
+            .collect()
+    }
+
+    /// Waits for the process to end on its own.
+    async fn wait_for_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("the child can be waited on") {
+                return status;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "the server did not exit within {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs at all.
+    async fn kill_hard(&mut self) {
+        self.child.kill().expect("SIGKILL is delivered");
+        self.wait_for_exit(EXIT_TIMEOUT).await;
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM failed");
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+struct Click {
+    wamid: String,
+    phone: String,
+    ctwa_clid: String,
+}
+
+fn clicks(count: usize, tag: &str) -> Vec<Click> {
+    (0..count)
+        .map(|index| Click {
+            wamid: format!("wamid.{tag}-{index:04}"),
+            phone: format!("1555{index:07}"),
+            ctwa_clid: format!("CLID-{tag}-{index:04}-Aff-n8ZTODiE79d22KtAwQKj9e"),
+        })
+        .collect()
+}
+
+fn webhook_bodies(clicks: &[Click]) -> Vec<Vec<u8>> {
+    clicks
+        .iter()
+        .enumerate()
+        .map(|(index, click)| {
+            let body = messages_webhook(&[(
+                click.wamid.as_str(),
+                click.phone.as_str(),
+                1_750_000_000 + index as i64,
+                Some(referral(Some(&click.ctwa_clid), "ad-durable")),
+            )]);
+            serde_json::to_vec(&body).unwrap()
+        })
+        .collect()
+}
+
+async fn assert_every_click_is_attributed(server: &RunningServer, clicks: &[Click]) {
+    for click in clicks {
+        let conversations = server.conversations(&click.phone).await;
+        assert_eq!(
+            conversations.len(),
+            1,
+            "{} lost after restart: {conversations:#?}",
+            click.wamid
+        );
+        let metadata = &conversations[0]["metadata"];
+        assert_eq!(metadata["ctwa_clid"], click.ctwa_clid.as_str());
+        assert_eq!(metadata["ctwa_message_id"], click.wamid.as_str());
+        assert_eq!(metadata["ctwa_source_id"], "ad-durable");
+    }
+}
+
+#[tokio::test]
+async fn every_acknowledged_webhook_survives_sigkill() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let clicks = clicks(50, "KILL");
+    {
+        let mut server = RunningServer::start(data_dir.path()).await;
+        server.register_sample_account().await;
+        server
+            .post_webhooks_concurrently(webhook_bodies(&clicks))
+            .await;
+        // No grace: whatever was answered 200 must already be on disk.
+        server.kill_hard().await;
+    }
+
+    let server = RunningServer::start(data_dir.path()).await;
+    assert_every_click_is_attributed(&server, &clicks).await;
+
+    // The restarted server still deduplicates what it acknowledged before the crash.
+    server
+        .post_webhooks_concurrently(webhook_bodies(&clicks[..5]))
+        .await;
+    for click in &clicks[..5] {
+        let conversations = server.conversations(&click.phone).await;
+        assert_eq!(conversations.len(), 1);
+        assert_eq!(conversations[0]["messageCount"], 1);
+        assert_eq!(conversations[0]["clicks"].as_array().unwrap().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn sigterm_exits_cleanly_and_keeps_the_data() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let clicks = clicks(20, "TERM");
+    {
+        let mut server = RunningServer::start(data_dir.path()).await;
+        server.register_sample_account().await;
+        server
+            .post_webhooks_concurrently(webhook_bodies(&clicks))
+            .await;
+        server.terminate();
+        let status = server.wait_for_exit(EXIT_TIMEOUT).await;
+        assert!(
+            status.success(),
+            "SIGTERM exit status {status:?}:\n{}",
+            server.log()
+        );
+    }
+
+    let server = RunningServer::start(data_dir.path()).await;
+    assert_every_click_is_attributed(&server, &clicks).await;
+    // The account came back too.
+    let response = server
+        .client
+        .get(server.url(&format!("/v1/admin/accounts/{SAMPLE_ACCOUNT_ID}")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
