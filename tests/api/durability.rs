@@ -69,7 +69,13 @@ fn drain_lines(
 
 impl RunningServer {
     async fn start(data_dir: &Path) -> RunningServer {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ctwa-relay"))
+        RunningServer::start_with(data_dir, &[]).await
+    }
+
+    /// Starts the server with extra environment variables (they override the defaults above).
+    async fn start_with(data_dir: &Path, extra_env: &[(&str, String)]) -> RunningServer {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ctwa-relay"));
+        command
             .arg("serve")
             .env_remove("CTWA_CONFIG")
             .env("CTWA_LISTEN", "127.0.0.1:0")
@@ -83,9 +89,11 @@ impl RunningServer {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the ctwa-relay binary starts");
+            .stderr(Stdio::piped());
+        for (key, value) in extra_env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("the ctwa-relay binary starts");
         let output = Arc::new(Mutex::new(Vec::new()));
         let (sender, mut lines) = mpsc::unbounded_channel();
         drain_lines(child.stdout.take().unwrap(), output.clone(), Some(sender));
@@ -353,4 +361,94 @@ async fn sigterm_exits_cleanly_and_keeps_the_data() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+}
+
+/// SPEC §5.6: a conversion answered 202 during an outage is durable in the outbox, and the
+/// worker of the next process delivers it once Meta is back.
+#[tokio::test]
+async fn a_queued_conversion_is_delivered_by_the_outbox_after_a_restart() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let graph = MockServer::builder().start().await;
+    let events_path = format!("/v25.0/{SAMPLE_DATASET_ID}/events");
+    Mock::given(method("POST"))
+        .and(path(events_path.clone()))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&graph)
+        .await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("CTWA_GRAPH_URL", graph.uri()),
+        ("CTWA_DELIVERY_BUDGET_MS", "400".to_string()),
+        ("CTWA_OUTBOX_POLL_INTERVAL_MS", "100".to_string()),
+        ("CTWA_OUTBOX_BACKOFF_BASE_MS", "100".to_string()),
+        ("CTWA_OUTBOX_BACKOFF_MAX_MS", "200".to_string()),
+    ];
+
+    let mut first = RunningServer::start_with(data_dir.path(), &env).await;
+    first.register_sample_account().await;
+    let now = chrono::Utc::now().timestamp();
+    let webhook = messages_webhook(&[(
+        "wamid.RESTART",
+        "15557654321",
+        now - 60,
+        Some(referral(Some("CLID-RESTART"), "ad-restart")),
+    )]);
+    first
+        .post_webhooks_concurrently(vec![serde_json::to_vec(&webhook).unwrap()])
+        .await;
+    let response = first
+        .client
+        .post(first.url("/v1/whatsapp/conversions"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({
+            "accountId": SAMPLE_ACCOUNT_ID,
+            "eventName": "LeadSubmitted",
+            "eventId": "lead-during-outage",
+            "phoneE164": "15557654321"
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202, "{}", first.log());
+    first.kill_hard().await;
+
+    // Meta is back; only the restarted process can deliver the event.
+    graph.reset().await;
+    Mock::given(method("POST"))
+        .and(path(events_path))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"events_received": 1, "messages": [], "fbtrace_id": "AFTER-RESTART"}),
+        ))
+        .expect(1)
+        .mount(&graph)
+        .await;
+    let second = RunningServer::start_with(data_dir.path(), &env).await;
+    let mut delivered = Value::Null;
+    for _ in 0..200 {
+        let history: Value = second
+            .client
+            .get(second.url(&format!(
+                "/v1/whatsapp/conversions?accountId={SAMPLE_ACCOUNT_ID}"
+            )))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if history["events"][0]["status"] == "sent" {
+            delivered = history["events"][0].clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(delivered["traceId"], "AFTER-RESTART", "{}", second.log());
+    assert_eq!(delivered["eventId"], "lead-during-outage");
+    let sent: Value =
+        serde_json::from_slice(&graph.received_requests().await.unwrap()[0].body).unwrap();
+    assert_eq!(sent["data"][0]["user_data"]["ctwa_clid"], "CLID-RESTART");
+    graph.verify().await;
 }
