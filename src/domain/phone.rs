@@ -5,15 +5,20 @@
 pub struct PhoneDigits(String);
 
 impl PhoneDigits {
-    /// Accepts digits only; a leading `+` is the one courtesy, since people paste E.164.
+    /// Digits only, as in the contract: a `+`, spaces or punctuation are refused with a hint
+    /// rather than guessed at.
     pub fn parse(input: &str) -> Result<Self, String> {
-        let digits = input.trim().strip_prefix('+').unwrap_or(input.trim());
-        if !(7..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        if !(7..=15).contains(&input.len()) || !input.bytes().all(|b| b.is_ascii_digit()) {
+            let hint = if input.starts_with('+') {
+                " (drop the leading '+')"
+            } else {
+                ""
+            };
             return Err(format!(
-                "expected 7-15 digits with country code and no '+' or spaces, got {input:?}"
+                "expected 7-15 digits with country code and no '+' or spaces, got {input:?}{hint}"
             ));
         }
-        Ok(Self(digits.to_string()))
+        Ok(Self(input.to_string()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -27,15 +32,13 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn accepts_digits_and_a_leading_plus() {
+    fn accepts_digits_only() {
         assert_eq!(
             PhoneDigits::parse("16505551234").unwrap().as_str(),
             "16505551234"
         );
-        assert_eq!(
-            PhoneDigits::parse("+16505551234").unwrap().as_str(),
-            "16505551234"
-        );
+        let plus = PhoneDigits::parse("+16505551234").unwrap_err();
+        assert!(plus.contains("drop the leading '+'"), "{plus}");
     }
 
     #[test]
@@ -46,7 +49,8 @@ mod tests {
             "123456",
             "1234567890123456",
             "",
-            "++1650555",
+            "+1650555",
+            " 16505551234",
         ] {
             assert!(PhoneDigits::parse(bad).is_err(), "{bad}");
         }

@@ -214,6 +214,9 @@ async fn each_validation_rule_refuses_with_its_code() {
             json!({"conversationId": null, "phoneE164": "123"}),
             400,
             "invalid_phone",
+            json!({"conversationId": null, "phoneE164": "+16505551234"}),
+            400,
+            "invalid_phone",
         ),
         (json!({"email": "not-an-email"}), 400, "invalid_email"),
         (json!({"contentIds": [""]}), 400, "invalid_content_ids"),
@@ -355,7 +358,7 @@ async fn phone_lookup_prefers_the_later_of_several_attributed_conversations() {
     let response = convert(
         &app,
         ADMIN_TOKEN,
-        &json!({"accountId": SAMPLE_ACCOUNT_ID, "eventName": "QualifiedLead", "eventId": "q", "phoneE164": format!("+{SAMPLE_PHONE}")}),
+        &json!({"accountId": SAMPLE_ACCOUNT_ID, "eventName": "QualifiedLead", "eventId": "q", "phoneE164": SAMPLE_PHONE}),
     )
     .await;
     assert_eq!(response.status(), 200);
