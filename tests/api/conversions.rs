@@ -214,6 +214,8 @@ async fn each_validation_rule_refuses_with_its_code() {
             json!({"conversationId": null, "phoneE164": "123"}),
             400,
             "invalid_phone",
+        ),
+        (
             json!({"conversationId": null, "phoneE164": "+16505551234"}),
             400,
             "invalid_phone",
