@@ -26,7 +26,7 @@ pub enum Attempt {
 }
 
 /// Applies the answer of one Graph call to a record (status, counts, error, trace id).
-pub fn apply_answer(
+fn apply_answer(
     record: &mut ConversionRecord,
     answer: Result<EventsReceived, GraphError>,
     now_ms: i64,
@@ -94,12 +94,34 @@ pub fn expire(record: &mut ConversionRecord, now_ms: i64) {
     });
 }
 
-/// The outbox's wait before attempt `attempts + 1`: exponential from the base, capped.
-pub fn outbox_backoff(state: &AppState, attempts: u32) -> Duration {
-    let base = state.settings.outbox_backoff_base;
-    let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(20));
-    base.saturating_mul(factor)
-        .min(state.settings.outbox_backoff_max)
+/// One Graph call for a recorded conversion, applied to the record. After a transient failure
+/// the record is given its next outbox time, capped exponential from the base.
+pub async fn attempt_once(
+    state: &AppState,
+    account: &Account,
+    record: &mut ConversionRecord,
+    timeout: Duration,
+) -> Attempt {
+    let answer = state
+        .graph
+        .send_events(
+            &record.dataset_id,
+            &account.access_token,
+            &record.request_body,
+            timeout,
+        )
+        .await;
+    let attempt = apply_answer(record, answer, state.clock.now().timestamp_millis());
+    if let Attempt::Transient = attempt {
+        let factor = 2u32.saturating_pow(record.attempts.saturating_sub(1).min(20));
+        let backoff = state
+            .settings
+            .outbox_backoff_base
+            .saturating_mul(factor)
+            .min(state.settings.outbox_backoff_max);
+        record.next_attempt_at_ms = Some(record.updated_at_ms + backoff.as_millis() as i64);
+    }
+    attempt
 }
 
 /// Sends a just-recorded conversion, retrying transient failures within the request budget,
@@ -120,23 +142,10 @@ pub async fn deliver_in_request(
             .timeout()
             .min(remaining)
             .max(Duration::from_millis(50));
-        let answer = state
-            .graph
-            .send_events(
-                &record.dataset_id,
-                &account.access_token,
-                &record.request_body,
-                timeout,
-            )
-            .await;
-        let now_ms = state.clock.now().timestamp_millis();
-        match apply_answer(record, answer, now_ms) {
+        match attempt_once(state, account, record, timeout).await {
             Attempt::Final => break,
-            Attempt::Transient if Instant::now() + pause >= deadline => {
-                record.next_attempt_at_ms =
-                    Some(now_ms + outbox_backoff(state, record.attempts).as_millis() as i64);
-                break;
-            }
+            // Out of budget: the outbox takes over at the time `attempt_once` set.
+            Attempt::Transient if Instant::now() + pause >= deadline => break,
             Attempt::Transient => {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));

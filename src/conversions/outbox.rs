@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{apply_answer, expire, outbox_backoff, Attempt};
+use super::{attempt_once, expire};
 use crate::domain::conversion::MAX_EVENT_AGE_SECS;
 use crate::startup::AppState;
 use crate::store::{ConversionFailure, ConversionStatus, StoreError};
@@ -42,20 +42,7 @@ pub async fn deliver_due(state: &AppState, shutdown: &CancellationToken) -> Resu
         if now.timestamp() - record.event_time > MAX_EVENT_AGE_SECS {
             expire(&mut record, now.timestamp_millis());
         } else if let Some(account) = state.store.account(&record.account_id) {
-            let answer = state
-                .graph
-                .send_events(
-                    &record.dataset_id,
-                    &account.access_token,
-                    &record.request_body,
-                    state.graph.timeout(),
-                )
-                .await;
-            let now_ms = state.clock.now().timestamp_millis();
-            if let Attempt::Transient = apply_answer(&mut record, answer, now_ms) {
-                record.next_attempt_at_ms =
-                    Some(now_ms + outbox_backoff(state, record.attempts).as_millis() as i64);
-            }
+            attempt_once(state, &account, &mut record, state.graph.timeout()).await;
         } else {
             record.status = ConversionStatus::Failed;
             record.next_attempt_at_ms = None;

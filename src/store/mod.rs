@@ -274,8 +274,16 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        let error = Store::open(dir.path()).err().unwrap();
-        let message = error.to_string();
+        // sled releases its file lock from a background thread after the drop; wait for it.
+        let mut outcome = Store::open(dir.path());
+        for _ in 0..100 {
+            if !matches!(outcome, Err(StoreError::Sled(_))) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            outcome = Store::open(dir.path());
+        }
+        let message = outcome.err().unwrap().to_string();
         assert!(message.contains("layout version 99"), "{message}");
     }
 

@@ -84,3 +84,36 @@ async fn metrics_are_prometheus_text() {
     assert!(metrics.contains("# TYPE ctwa_webhooks_received_total counter"));
     assert!(metrics.contains("ctwa_http_request_duration_seconds_count{route=\"/healthz\"} "));
 }
+
+#[tokio::test]
+async fn api_bodies_over_the_limit_or_nested_too_deep_are_refused() {
+    let app = crate::helpers::spawn_app().await;
+    let huge = serde_json::json!({"accountId": "a", "eventName": "LeadSubmitted", "eventId": "x".repeat(70 * 1024)});
+    let response = app
+        .send_json(
+            reqwest::Method::POST,
+            "/v1/whatsapp/conversions",
+            Some(ADMIN_TOKEN),
+            &huge,
+        )
+        .await;
+    assert_eq!(response.status(), 413);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["code"],
+        "payload_too_large"
+    );
+
+    let nested = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+    let response = app
+        .client
+        .post(app.url("/v1/whatsapp/conversions"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body(nested)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"].is_string(), "{body}");
+}

@@ -4,6 +4,7 @@ mod helpers;
 
 mod admin;
 mod attribution;
+mod cli;
 mod conversion_delivery;
 mod conversions;
 mod dataset;
