@@ -51,7 +51,7 @@ impl Store {
     pub async fn create_account(&self, account: Account) -> Result<Account, StoreError> {
         let stored = self
             .run(move |inner| {
-                let _writer = inner.writer.lock().expect("writer lock poisoned");
+                let _writer = inner.lock_writer();
                 let trees = &inner.trees;
                 if trees.accounts.contains_key(account.id.as_bytes())? {
                     return Err(StoreError::Conflict(format!(
@@ -90,7 +90,7 @@ impl Store {
     pub async fn update_account(&self, account: Account) -> Result<Account, StoreError> {
         let (stored, previous_phone_number_id) = self
             .run(move |inner| {
-                let _writer = inner.writer.lock().expect("writer lock poisoned");
+                let _writer = inner.lock_writer();
                 let trees = &inner.trees;
                 let previous: Account = match trees.accounts.get(account.id.as_bytes())? {
                     Some(bytes) => decode(&bytes)?,
@@ -143,7 +143,7 @@ impl Store {
     pub async fn delete_account(&self, id: String) -> Result<bool, StoreError> {
         let removed = self
             .run(move |inner| {
-                let _writer = inner.writer.lock().expect("writer lock poisoned");
+                let _writer = inner.lock_writer();
                 let trees = &inner.trees;
                 let Some(bytes) = trees.accounts.remove(id.as_bytes())? else {
                     return Ok(None);

@@ -173,7 +173,7 @@ impl Store {
     /// is already sent or queued. A failed or expired one may be sent again.
     pub async fn begin_conversion(&self, record: ConversionRecord) -> Result<Begin, StoreError> {
         self.run(move |inner| {
-            let _writer = inner.writer.lock().expect("writer lock poisoned");
+            let _writer = inner.lock_writer();
             let previous = get(&inner.trees, &record.record_key())?;
             if let Some(previous) = &previous {
                 if matches!(
@@ -192,7 +192,7 @@ impl Store {
     /// Stores a conversion's new state (an outcome, a new outbox time).
     pub async fn save_conversion(&self, record: ConversionRecord) -> Result<(), StoreError> {
         self.run(move |inner| {
-            let _writer = inner.writer.lock().expect("writer lock poisoned");
+            let _writer = inner.lock_writer();
             let previous = get(&inner.trees, &record.record_key())?;
             put(&inner.trees, &record, previous.as_ref())
         })

@@ -93,8 +93,12 @@ impl Store {
                 report.unparseable = true;
                 return Ok(report);
             };
-            let _writer = inner.writer.lock().expect("writer lock poisoned");
+            let _writer = inner.lock_writer();
             for group in groups {
+                // Statuses, echoes and other changes without inbound items change nothing.
+                if group.messages.is_empty() && group.automatic_events.is_empty() {
+                    continue;
+                }
                 match store.account_by_phone_number_id(&group.phone_number_id) {
                     Some(account) => {
                         let group_report = ingest_group(trees, &account.id, group, window_secs)?;
@@ -127,7 +131,7 @@ impl Store {
             let Some(account) = store.account_by_phone_number_id(&phone_number_id) else {
                 return Ok(IngestReport::default());
             };
-            let _writer = inner.writer.lock().expect("writer lock poisoned");
+            let _writer = inner.lock_writer();
             let mut report = IngestReport::default();
             let held_prefix = prefix(&[&phone_number_id]);
             for item in trees.unrouted.scan_prefix(&held_prefix) {

@@ -113,6 +113,16 @@ struct Inner {
     flusher: Flusher,
 }
 
+impl Inner {
+    /// The writer lock. A panic while holding it leaves nothing half-applied that a redelivery
+    /// cannot repair (each step is idempotent), so a poisoned lock is taken over, not fatal.
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// The handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
