@@ -22,6 +22,7 @@ pub const CLICKS: &str = "ctwa_clicks_total";
 pub const AUTOMATIC_EVENTS: &str = "ctwa_automatic_events_total";
 pub const CONVERSIONS: &str = "ctwa_conversions_total";
 pub const OUTBOX_DEPTH: &str = "ctwa_outbox_depth";
+pub const JOURNAL_PRUNED: &str = "ctwa_journal_entries_pruned_total";
 pub const REQUEST_DURATION: &str = "ctwa_http_request_duration_seconds";
 
 const BUCKETS: [f64; 12] = [
@@ -47,6 +48,7 @@ pub struct Metrics {
     clicks_without_clid: AtomicU64,
     automatic_events: AtomicU64,
     outbox_depth: AtomicU64,
+    journal_pruned: AtomicU64,
     webhooks_rejected: Mutex<BTreeMap<&'static str, u64>>,
     /// Keyed by (status, Meta code or "none").
     conversions: Mutex<BTreeMap<(String, String), u64>>,
@@ -98,6 +100,10 @@ impl Metrics {
             .expect("metrics lock poisoned")
             .entry((status.to_string(), code))
             .or_default() += 1;
+    }
+
+    pub fn journal_pruned(&self, count: u64) {
+        self.journal_pruned.fetch_add(count, Ordering::Relaxed);
     }
 
     pub fn set_outbox_depth(&self, depth: u64) {
@@ -227,6 +233,12 @@ impl Metrics {
             out,
             "# HELP {OUTBOX_DEPTH} Conversions waiting in the outbox.\n# TYPE {OUTBOX_DEPTH} gauge\n{OUTBOX_DEPTH} {}",
             self.outbox_depth.load(Ordering::Relaxed)
+        );
+        counter(
+            &mut out,
+            JOURNAL_PRUNED,
+            "Journaled webhook bodies deleted after the retention period.",
+            &self.journal_pruned,
         );
         let _ = writeln!(
             out,

@@ -61,6 +61,9 @@ pub struct Settings {
     pub outbox_backoff_base: Duration,
     /// …up to this.
     pub outbox_backoff_max: Duration,
+    /// Journaled webhook bodies older than this are deleted (bodies still held for an unknown
+    /// number are kept); `None` keeps them forever.
+    pub journal_retention_days: Option<u32>,
 }
 
 impl Default for Settings {
@@ -87,6 +90,7 @@ impl Default for Settings {
             outbox_poll_interval: Duration::from_secs(5),
             outbox_backoff_base: Duration::from_secs(30),
             outbox_backoff_max: Duration::from_secs(3600),
+            journal_retention_days: Some(30),
         }
     }
 }
@@ -126,6 +130,7 @@ struct FileSettings {
     outbox_poll_interval_ms: Option<u64>,
     outbox_backoff_base_ms: Option<u64>,
     outbox_backoff_max_ms: Option<u64>,
+    journal_retention_days: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,6 +248,9 @@ impl Settings {
         if let Some(value) = file.outbox_backoff_max_ms {
             self.outbox_backoff_max = Duration::from_millis(value);
         }
+        if let Some(value) = file.journal_retention_days {
+            self.journal_retention_days = Some(value).filter(|days| *days > 0);
+        }
         Ok(())
     }
 
@@ -301,6 +309,10 @@ impl Settings {
         if let Some(value) = env("CTWA_OUTBOX_BACKOFF_BASE_MS") {
             self.outbox_backoff_base =
                 Duration::from_millis(parse_number("CTWA_OUTBOX_BACKOFF_BASE_MS", &value)?);
+        }
+        if let Some(value) = env("CTWA_JOURNAL_RETENTION_DAYS") {
+            let days: u32 = parse_number("CTWA_JOURNAL_RETENTION_DAYS", &value)?;
+            self.journal_retention_days = Some(days).filter(|days| *days > 0);
         }
         if let Some(value) = env("CTWA_OUTBOX_BACKOFF_MAX_MS") {
             self.outbox_backoff_max =
@@ -472,6 +484,14 @@ mod tests {
         assert_eq!(settings.event_names.len(), 14);
         assert_eq!(settings.attribution_window_days, 7);
         assert_eq!(settings.disabled_features().len(), 3);
+        assert_eq!(settings.journal_retention_days, Some(30));
+    }
+
+    #[test]
+    fn zero_retention_keeps_the_journal_forever() {
+        let settings =
+            Settings::load_from(None, env_of(&[("CTWA_JOURNAL_RETENTION_DAYS", "0")])).unwrap();
+        assert_eq!(settings.journal_retention_days, None);
     }
 
     #[test]

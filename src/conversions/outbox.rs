@@ -1,5 +1,6 @@
-//! The outbox worker: redelivers queued conversions with capped exponential backoff, across
-//! restarts, until they are sent, fail for good, or expire (older than Meta accepts).
+//! The background worker: redelivers queued conversions with capped exponential backoff, across
+//! restarts, until they are sent, fail for good, or expire (older than Meta accepts); and, once
+//! an hour, deletes journaled webhook bodies past their retention.
 
 use std::sync::Arc;
 
@@ -13,7 +14,11 @@ use crate::store::{ConversionFailure, ConversionStatus, StoreError};
 /// How many due conversions one pass takes.
 const BATCH: usize = 100;
 
+/// How often the journal retention runs, by the (injectable) clock.
+const PRUNE_EVERY_SECS: i64 = 3600;
+
 pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
+    let mut last_prune: Option<i64> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -23,8 +28,45 @@ pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
         if let Err(error) = deliver_due(&state, &shutdown).await {
             tracing::error!(error = %crate::error::error_chain(&error), "the outbox pass failed; retrying on the next poll");
         }
+        let now = state.clock.now_secs();
+        if last_prune.is_none_or(|last| now - last >= PRUNE_EVERY_SECS) {
+            last_prune = Some(now);
+            prune_journal(&state, now, &shutdown).await;
+        }
     }
     tracing::debug!("the outbox worker stopped");
+}
+
+async fn prune_journal(state: &AppState, now: i64, shutdown: &CancellationToken) {
+    const BATCH: usize = 10_000;
+    let Some(days) = state.settings.journal_retention_days else {
+        return;
+    };
+    let cutoff = now - i64::from(days) * 86_400;
+    let mut total = 0;
+    // In batches, so one pass never holds a huge amount of work and shutdown is not delayed.
+    while !shutdown.is_cancelled() {
+        match state.store.prune_journal(cutoff, BATCH).await {
+            Ok(removed) => {
+                total += removed;
+                state.metrics.journal_pruned(removed);
+                if removed < BATCH as u64 {
+                    break;
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = %crate::error::error_chain(&error), "pruning the webhook journal failed");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        tracing::info!(
+            removed = total,
+            days,
+            "deleted journaled webhook bodies past retention"
+        );
+    }
 }
 
 /// One pass over the due conversions.

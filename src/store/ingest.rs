@@ -156,6 +156,41 @@ impl Store {
         .await
     }
 
+    /// Deletes journal entries received before `cutoff` (unix seconds), except bodies still held
+    /// for a number without an account. At most `limit` per call; returns how many went.
+    pub async fn prune_journal(&self, cutoff: i64, limit: usize) -> Result<u64, StoreError> {
+        self.run(move |inner| {
+            let trees = &inner.trees;
+            let mut held = std::collections::HashSet::new();
+            for item in trees.unrouted.iter() {
+                let (unrouted_key, _) = item?;
+                if unrouted_key.len() >= 8 {
+                    held.insert(unrouted_key[unrouted_key.len() - 8..].to_vec());
+                }
+            }
+            let mut removed = 0;
+            for item in trees.journal.iter() {
+                let (seq, entry) = item?;
+                if entry.len() < 8 {
+                    return Err(StoreError::Corrupt("a journal entry is truncated".into()));
+                }
+                let received_at = i64::from_be_bytes(entry[..8].try_into().expect("eight bytes"));
+                // Entries are in arrival order: the first young one ends the pass.
+                if received_at >= cutoff || removed as usize >= limit {
+                    break;
+                }
+                if held.contains(seq.as_ref()) {
+                    continue;
+                }
+                trees.journal.remove(&seq)?;
+                trees.unparseable.remove(&seq)?;
+                removed += 1;
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
     pub async fn conversation(&self, id: String) -> Result<Option<Conversation>, StoreError> {
         self.run(move |inner| {
             inner

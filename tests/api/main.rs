@@ -10,6 +10,7 @@ mod conversions;
 mod dataset;
 mod durability;
 mod health;
+mod retention;
 mod webhook_handshake;
 mod webhook_samples;
 mod webhook_signature;
