@@ -1,7 +1,7 @@
 //! Conversations and first-touch attribution (SPEC §5.2), as pure functions over plain data.
 //!
 //! Nothing here knows about HTTP or the store: the store reads a user's conversations, asks
-//! these functions what changes, and writes the result back under its writer lock.
+//! these functions what changes, and writes the result back on its writer thread.
 
 use serde::{Deserialize, Serialize};
 

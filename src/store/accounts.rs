@@ -50,8 +50,7 @@ impl Store {
     /// Inserts a new account, or a `Conflict` when its id or `phone_number_id` is taken.
     pub async fn create_account(&self, account: Account) -> Result<Account, StoreError> {
         let stored = self
-            .run(move |inner| {
-                let _writer = inner.lock_writer();
+            .write(move |inner| {
                 let trees = &inner.trees;
                 if trees.accounts.contains_key(account.id.as_bytes())? {
                     return Err(StoreError::Conflict(format!(
@@ -89,8 +88,7 @@ impl Store {
     /// Replaces an account; `Conflict` if a changed `phone_number_id` belongs to another one.
     pub async fn update_account(&self, account: Account) -> Result<Account, StoreError> {
         let (stored, previous_phone_number_id) = self
-            .run(move |inner| {
-                let _writer = inner.lock_writer();
+            .write(move |inner| {
                 let trees = &inner.trees;
                 let previous: Account = match trees.accounts.get(account.id.as_bytes())? {
                     Some(bytes) => decode(&bytes)?,
@@ -142,8 +140,7 @@ impl Store {
     /// the account with the same id finds them again. Returns false if there was none.
     pub async fn delete_account(&self, id: String) -> Result<bool, StoreError> {
         let removed = self
-            .run(move |inner| {
-                let _writer = inner.lock_writer();
+            .write(move |inner| {
                 let trees = &inner.trees;
                 let Some(bytes) = trees.accounts.remove(id.as_bytes())? else {
                     return Ok(None);

@@ -172,8 +172,7 @@ impl Store {
     /// Records a conversion before it is sent, unless the same (account, event name, event id)
     /// is already sent or queued. A failed or expired one may be sent again.
     pub async fn begin_conversion(&self, record: ConversionRecord) -> Result<Begin, StoreError> {
-        self.run(move |inner| {
-            let _writer = inner.lock_writer();
+        self.write(move |inner| {
             let previous = get(&inner.trees, &record.record_key())?;
             if let Some(previous) = &previous {
                 if matches!(
@@ -191,8 +190,7 @@ impl Store {
 
     /// Stores a conversion's new state (an outcome, a new outbox time).
     pub async fn save_conversion(&self, record: ConversionRecord) -> Result<(), StoreError> {
-        self.run(move |inner| {
-            let _writer = inner.lock_writer();
+        self.write(move |inner| {
             let previous = get(&inner.trees, &record.record_key())?;
             put(&inner.trees, &record, previous.as_ref())
         })

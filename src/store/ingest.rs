@@ -78,22 +78,37 @@ impl Store {
         parse: WebhookParser,
         window_secs: i64,
     ) -> Result<IngestReport, StoreError> {
+        // Journaling and parsing run in parallel on the blocking pool; only applying the
+        // changes goes through the writer thread.
+        let (seq, groups) = self
+            .run(move |inner| {
+                let trees = &inner.trees;
+                let seq = trees.db.generate_id()?;
+                let mut entry = Vec::with_capacity(8 + raw.len());
+                entry.extend_from_slice(&received_at.to_be_bytes());
+                entry.extend_from_slice(&raw);
+                trees.journal.insert(seq.to_be_bytes(), entry)?;
+                let groups = parse(&raw, received_at);
+                if groups.is_none() {
+                    trees.unparseable.insert(seq.to_be_bytes(), &[])?;
+                }
+                Ok((seq, groups))
+            })
+            .await?;
+        let Some(groups) = groups else {
+            return Ok(IngestReport {
+                journal_seq: seq,
+                unparseable: true,
+                ..IngestReport::default()
+            });
+        };
         let store = self.clone();
-        self.run(move |inner| {
+        self.write(move |inner| {
             let trees = &inner.trees;
-            let mut report = IngestReport::default();
-            let seq = trees.db.generate_id()?;
-            report.journal_seq = seq;
-            let mut entry = Vec::with_capacity(8 + raw.len());
-            entry.extend_from_slice(&received_at.to_be_bytes());
-            entry.extend_from_slice(&raw);
-            trees.journal.insert(seq.to_be_bytes(), entry)?;
-            let Some(groups) = parse(&raw, received_at) else {
-                trees.unparseable.insert(seq.to_be_bytes(), &[])?;
-                report.unparseable = true;
-                return Ok(report);
+            let mut report = IngestReport {
+                journal_seq: seq,
+                ..IngestReport::default()
             };
-            let _writer = inner.lock_writer();
             for group in groups {
                 // Statuses, echoes and other changes without inbound items change nothing.
                 if group.messages.is_empty() && group.automatic_events.is_empty() {
@@ -126,12 +141,11 @@ impl Store {
         window_secs: i64,
     ) -> Result<IngestReport, StoreError> {
         let store = self.clone();
-        self.run(move |inner| {
+        self.write(move |inner| {
             let trees = &inner.trees;
             let Some(account) = store.account_by_phone_number_id(&phone_number_id) else {
                 return Ok(IngestReport::default());
             };
-            let _writer = inner.lock_writer();
             let mut report = IngestReport::default();
             let held_prefix = prefix(&[&phone_number_id]);
             for item in trees.unrouted.scan_prefix(&held_prefix) {
@@ -296,7 +310,7 @@ fn load_conversations(trees: &Trees, ids: &[String]) -> Result<Vec<Conversation>
     Ok(conversations)
 }
 
-/// Applies one change to the attribution state. Runs under the writer lock.
+/// Applies one change to the attribution state. Runs on the writer thread.
 ///
 /// Each message writes its conversation and user first and its message-id marker last, so a
 /// crash between them makes the redelivered message run again instead of being skipped as a

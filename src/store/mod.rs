@@ -12,7 +12,7 @@ mod ingest;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use tokio::sync::oneshot;
 
@@ -104,23 +104,37 @@ struct Caches {
     api_keys_by_hash: HashMap<String, ApiKey>,
 }
 
-struct Inner {
-    trees: Trees,
-    /// Serialises every read-modify-write of attribution state (users, conversations, message
-    /// ids, pending events, conversions), so concurrent webhooks cannot interleave.
-    writer: Mutex<()>,
-    caches: RwLock<Caches>,
-    flusher: Flusher,
+/// Work for the writer thread.
+type WriteJob = Box<dyn FnOnce() + Send>;
+
+/// The one thread that changes attribution state (users, conversations, message ids, pending
+/// events, accounts, conversion records). Running every read-modify-write on one thread keeps
+/// them from interleaving without a lock that dozens of blocking threads would queue on.
+struct Writer {
+    jobs: std::sync::mpsc::Sender<WriteJob>,
 }
 
-impl Inner {
-    /// The writer lock. A panic while holding it leaves nothing half-applied that a redelivery
-    /// cannot repair (each step is idempotent), so a poisoned lock is taken over, not fatal.
-    fn lock_writer(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+impl Writer {
+    fn spawn() -> std::io::Result<Self> {
+        let (jobs, incoming) = std::sync::mpsc::channel::<WriteJob>();
+        std::thread::Builder::new()
+            .name("ctwa-writer".into())
+            .spawn(move || {
+                for job in incoming {
+                    // A panicking job drops its reply, so its caller gets an error; the thread and
+                    // the jobs behind it carry on. Each step is idempotent for a redelivery.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            })?;
+        Ok(Self { jobs })
     }
+}
+
+struct Inner {
+    trees: Trees,
+    writer: Writer,
+    caches: RwLock<Caches>,
+    flusher: Flusher,
 }
 
 /// The handle to the store; cheap to clone.
@@ -174,10 +188,12 @@ impl Store {
         let caches = accounts::load_caches(&trees)?;
         let flusher = Flusher::spawn(db)
             .map_err(|error| StoreError::Flush(format!("cannot start the flusher: {error}")))?;
+        let writer = Writer::spawn()
+            .map_err(|error| StoreError::Flush(format!("cannot start the writer: {error}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 trees,
-                writer: Mutex::new(()),
+                writer,
                 caches: RwLock::new(caches),
                 flusher,
             }),
@@ -194,6 +210,25 @@ impl Store {
         tokio::task::spawn_blocking(move || work(&inner))
             .await
             .map_err(|_| StoreError::TaskGone)?
+    }
+
+    /// Runs a read-modify-write on the writer thread, after every one submitted before it.
+    async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        let (reply, answer) = oneshot::channel();
+        let job: WriteJob = Box::new(move || {
+            let _ = reply.send(work(&inner));
+        });
+        self.inner
+            .writer
+            .jobs
+            .send(job)
+            .map_err(|_| StoreError::TaskGone)?;
+        answer.await.map_err(|_| StoreError::TaskGone)?
     }
 
     /// Returns once every write made before the call is on disk. Concurrent callers share one
