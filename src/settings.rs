@@ -488,6 +488,29 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_never_shows_a_secret() {
+        let settings = Settings::load_from(
+            None,
+            env_of(&[
+                ("CTWA_APP_SECRETS", "app-secret-1,app-secret-2"),
+                ("CTWA_VERIFY_TOKEN", "verify-token-3"),
+                ("CTWA_ADMIN_TOKEN", "admin-token-4"),
+            ]),
+        )
+        .unwrap();
+        let shown = format!("{settings:?}");
+        for secret in [
+            "app-secret-1",
+            "app-secret-2",
+            "verify-token-3",
+            "admin-token-4",
+        ] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+        assert!(shown.contains("REDACTED"));
+    }
+
+    #[test]
     fn zero_retention_keeps_the_journal_forever() {
         let settings =
             Settings::load_from(None, env_of(&[("CTWA_JOURNAL_RETENTION_DAYS", "0")])).unwrap();
