@@ -23,8 +23,6 @@ pub enum ErrorClass {
 pub struct MetaError {
     #[serde(default)]
     pub message: String,
-    #[serde(default, rename = "type")]
-    pub kind: Option<String>,
     pub code: i64,
     #[serde(default)]
     pub error_subcode: Option<i64>,
@@ -34,8 +32,6 @@ pub struct MetaError {
     pub error_user_msg: Option<String>,
     #[serde(default)]
     pub fbtrace_id: Option<String>,
-    #[serde(default)]
-    pub is_transient: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -310,13 +306,11 @@ mod tests {
             http_status,
             error: Box::new(MetaError {
                 message: "m".into(),
-                kind: None,
                 code,
                 error_subcode: subcode,
                 error_user_title: None,
                 error_user_msg: None,
                 fbtrace_id: Some("T".into()),
-                is_transient: None,
             }),
         }
     }

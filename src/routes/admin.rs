@@ -142,9 +142,7 @@ async fn replay_held_changes(state: &AppState, phone_number_id: &str) -> Result<
         )
         .await?;
     let matched = std::mem::take(&mut report.matched_automatic_events);
-    if !matched.is_empty() {
-        crate::conversions::forward_automatic_events(state, matched).await?;
-    }
+    crate::conversions::forward_automatic_events(state, matched).await?;
     state.store.durable().await?;
     state.metrics.record_ingest(&report);
     if report.messages > 0 || report.automatic_events > 0 {

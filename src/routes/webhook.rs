@@ -44,9 +44,7 @@ pub async fn receive(
         )
         .await?;
     let matched = std::mem::take(&mut report.matched_automatic_events);
-    if !matched.is_empty() {
-        crate::conversions::forward_automatic_events(&state, matched).await?;
-    }
+    crate::conversions::forward_automatic_events(&state, matched).await?;
     state.store.durable().await?;
     state.metrics.webhook_ingested(&report);
     if report.unparseable {

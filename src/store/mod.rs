@@ -270,11 +270,6 @@ impl Store {
             )),
         }
     }
-
-    /// Approximate size of the store on disk, in bytes.
-    pub async fn size_on_disk(&self) -> Result<u64, StoreError> {
-        self.run(|inner| Ok(inner.trees.db.size_on_disk()?)).await
-    }
 }
 
 /// Joins key parts with a NUL byte; parts are ids that never contain one.
