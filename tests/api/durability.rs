@@ -1,142 +1,34 @@
 //! The real binary, killed and restarted on the same data directory: every webhook answered 200
 //! survives (SPEC §3), and SIGTERM stops it cleanly (SPEC §4.7).
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
 use crate::helpers::{
     messages_webhook, referral, sign, ACCESS_TOKEN, ADMIN_TOKEN, APP_SECRET, SAMPLE_ACCOUNT_ID,
     SAMPLE_DATASET_ID, SAMPLE_PHONE_NUMBER_ID, SAMPLE_WABA_ID, VERIFY_TOKEN,
 };
+use crate::server::{RunningServer, EXIT_TIMEOUT};
 
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(40);
-
-/// A `ctwa-relay serve` child process. Dropping it kills the process, so a failing test never
-/// leaves a server behind.
-struct RunningServer {
-    child: Child,
-    address: String,
-    client: reqwest::Client,
-    output: Arc<Mutex<Vec<String>>>,
-}
-
-/// Removes ANSI escape sequences (`ESC [ … letter`) from a log line.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for next in chars.by_ref() {
-                    if next.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-            continue;
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// Copies every line of `stream` into `output` (and to `lines`, if given) until it closes. The
-/// pipe is always drained, so the server never blocks on a full stdout.
-fn drain_lines(
-    stream: impl Read + Send + 'static,
-    output: Arc<Mutex<Vec<String>>>,
-    lines: Option<mpsc::UnboundedSender<String>>,
-) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            let line = strip_ansi(&line);
-            output.lock().unwrap().push(line.clone());
-            if let Some(lines) = &lines {
-                let _ = lines.send(line);
-            }
-        }
-    });
-}
-
+/// The API-specific side of the shared child-process helper: the test secrets, no Graph API
+/// unless a test gives one, and the sample account.
 impl RunningServer {
     async fn start(data_dir: &Path) -> RunningServer {
         RunningServer::start_with(data_dir, &[]).await
     }
 
-    /// Starts the server with extra environment variables (they override the defaults above).
+    /// Starts the server with extra environment variables (they override the test defaults).
     async fn start_with(data_dir: &Path, extra_env: &[(&str, String)]) -> RunningServer {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ctwa-relay"));
-        command
-            .arg("serve")
-            .env_remove("CTWA_CONFIG")
-            .env("CTWA_LISTEN", "127.0.0.1:0")
-            .env("CTWA_DATA_DIR", data_dir)
-            .env("CTWA_APP_SECRETS", APP_SECRET)
-            .env("CTWA_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("CTWA_VERIFY_TOKEN", VERIFY_TOKEN)
-            .env("CTWA_GRAPH_URL", "http://127.0.0.1:9")
-            .env("CTWA_LOG_FORMAT", "text")
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (key, value) in extra_env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().expect("the ctwa-relay binary starts");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let (sender, mut lines) = mpsc::unbounded_channel();
-        drain_lines(child.stdout.take().unwrap(), output.clone(), Some(sender));
-        drain_lines(child.stderr.take().unwrap(), output.clone(), None);
-        // Keep-alive connections would hold a graceful shutdown open; one request per connection.
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
-        let mut server = RunningServer {
-            child,
-            address: String::new(),
-            client,
-            output,
-        };
-        let found = tokio::time::timeout(START_TIMEOUT, async {
-            while let Some(line) = lines.recv().await {
-                if let Some((_, rest)) = line.split_once("listening on http://") {
-                    let address = rest.split_whitespace().next().unwrap_or_default();
-                    return Some(format!("http://{address}"));
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Ok(Some(address)) => server.address = address,
-            Ok(None) => panic!("the server exited before listening:\n{}", server.log()),
-            Err(_) => panic!(
-                "the server did not listen within {START_TIMEOUT:?}:\n{}",
-                server.log()
-            ),
-        }
-        server
-    }
-
-    fn log(&self) -> String {
-        self.output.lock().unwrap().join("\n")
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{}", self.address, path)
+        let mut env = vec![
+            ("CTWA_APP_SECRETS", APP_SECRET.to_string()),
+            ("CTWA_ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
+            ("CTWA_VERIFY_TOKEN", VERIFY_TOKEN.to_string()),
+            ("CTWA_GRAPH_URL", "http://127.0.0.1:9".to_string()),
+        ];
+        env.extend(extra_env.iter().cloned());
+        RunningServer::launch(data_dir, &env).await
     }
 
     async fn register_sample_account(&self) {
@@ -210,47 +102,6 @@ impl RunningServer {
             .filter(|result| result["accountId"] == SAMPLE_ACCOUNT_ID)
             .flat_map(|result| result["conversations"].as_array().unwrap().clone())
             .collect()
-    }
-
-    /// Waits for the process to end on its own.
-    async fn wait_for_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("the child can be waited on") {
-                return status;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!(
-                    "the server did not exit within {timeout:?}:\n{}",
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL: no shutdown code runs at all.
-    async fn kill_hard(&mut self) {
-        self.child.kill().expect("SIGKILL is delivered");
-        self.wait_for_exit(EXIT_TIMEOUT).await;
-    }
-
-    fn terminate(&self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -TERM failed");
-    }
-}
-
-impl Drop for RunningServer {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 

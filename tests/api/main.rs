@@ -1,6 +1,8 @@
 //! Black-box tests: the real server over HTTP on a random port.
 
 mod helpers;
+#[path = "../support/server.rs"]
+mod server;
 
 mod admin;
 mod attribution;
