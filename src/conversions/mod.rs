@@ -3,6 +3,7 @@
 
 pub mod outbox;
 pub mod payload;
+pub mod request;
 
 use std::time::{Duration, Instant};
 
