@@ -21,6 +21,7 @@ pub const MESSAGES_DUPLICATE: &str = "ctwa_messages_duplicate_total";
 pub const CLICKS: &str = "ctwa_clicks_total";
 pub const AUTOMATIC_EVENTS: &str = "ctwa_automatic_events_total";
 pub const CONVERSIONS: &str = "ctwa_conversions_total";
+pub const CONVERSION_POSSIBLE_DUPLICATES: &str = "ctwa_conversion_possible_duplicates_total";
 pub const OUTBOX_DEPTH: &str = "ctwa_outbox_depth";
 pub const JOURNAL_PRUNED: &str = "ctwa_journal_entries_pruned_total";
 pub const REQUEST_DURATION: &str = "ctwa_http_request_duration_seconds";
@@ -47,6 +48,7 @@ pub struct Metrics {
     clicks_with_clid: AtomicU64,
     clicks_without_clid: AtomicU64,
     automatic_events: AtomicU64,
+    possible_duplicates: AtomicU64,
     outbox_depth: AtomicU64,
     journal_pruned: AtomicU64,
     webhooks_rejected: Mutex<BTreeMap<&'static str, u64>>,
@@ -100,6 +102,11 @@ impl Metrics {
             .expect("metrics lock poisoned")
             .entry((status.to_string(), code))
             .or_default() += 1;
+    }
+
+    /// A conversion sent again after an attempt whose outcome is unknown.
+    pub fn possible_duplicate_sent(&self) {
+        self.possible_duplicates.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn journal_pruned(&self, count: u64) {
@@ -229,6 +236,12 @@ impl Metrics {
                 "{CONVERSIONS}{{status=\"{status}\",meta_code=\"{code}\"}} {count}"
             );
         }
+        counter(
+            &mut out,
+            CONVERSION_POSSIBLE_DUPLICATES,
+            "Conversions sent again after an attempt whose outcome was unknown (Meta may count them twice).",
+            &self.possible_duplicates,
+        );
         let _ = writeln!(
             out,
             "# HELP {OUTBOX_DEPTH} Conversions waiting in the outbox.\n# TYPE {OUTBOX_DEPTH} gauge\n{OUTBOX_DEPTH} {}",

@@ -61,6 +61,10 @@ pub struct Settings {
     pub outbox_backoff_base: Duration,
     /// …up to this.
     pub outbox_backoff_max: Duration,
+    /// A conversion whose Graph call may have reached Meta without an answer (a timeout, a
+    /// broken connection, a crash mid-send) is sent once more, flagged `possibleDuplicate`, no
+    /// earlier than this after that call.
+    pub unknown_resend_after: Duration,
     /// Journaled webhook bodies older than this are deleted (bodies still held for an unknown
     /// number are kept); `None` keeps them forever.
     pub journal_retention_days: Option<u32>,
@@ -90,6 +94,7 @@ impl Default for Settings {
             outbox_poll_interval: Duration::from_secs(5),
             outbox_backoff_base: Duration::from_secs(30),
             outbox_backoff_max: Duration::from_secs(3600),
+            unknown_resend_after: Duration::from_secs(300),
             journal_retention_days: Some(30),
         }
     }
@@ -127,6 +132,7 @@ struct FileSettings {
     api_body_limit: Option<usize>,
     graph_timeout_ms: Option<u64>,
     delivery_budget_ms: Option<u64>,
+    unknown_resend_after_ms: Option<u64>,
     outbox_poll_interval_ms: Option<u64>,
     outbox_backoff_base_ms: Option<u64>,
     outbox_backoff_max_ms: Option<u64>,
@@ -239,6 +245,9 @@ impl Settings {
         if let Some(value) = file.delivery_budget_ms {
             self.delivery_budget = Duration::from_millis(value);
         }
+        if let Some(value) = file.unknown_resend_after_ms {
+            self.unknown_resend_after = Duration::from_millis(value);
+        }
         if let Some(value) = file.outbox_poll_interval_ms {
             self.outbox_poll_interval = Duration::from_millis(value);
         }
@@ -301,6 +310,10 @@ impl Settings {
         if let Some(value) = env("CTWA_DELIVERY_BUDGET_MS") {
             self.delivery_budget =
                 Duration::from_millis(parse_number("CTWA_DELIVERY_BUDGET_MS", &value)?);
+        }
+        if let Some(value) = env("CTWA_UNKNOWN_RESEND_AFTER_MS") {
+            self.unknown_resend_after =
+                Duration::from_millis(parse_number("CTWA_UNKNOWN_RESEND_AFTER_MS", &value)?);
         }
         if let Some(value) = env("CTWA_OUTBOX_POLL_INTERVAL_MS") {
             self.outbox_poll_interval =

@@ -14,27 +14,89 @@ use crate::domain::account::Account;
 use crate::domain::conversion::MAX_EVENT_AGE_SECS;
 use crate::graph::{ErrorClass, EventsReceived, GraphError};
 use crate::startup::AppState;
+use crate::settings::Settings;
 use crate::store::{
-    ConversionFailure, ConversionRecord, ConversionSource, ConversionStatus, StoreError,
+    Begin, ConversionFailure, ConversionRecord, ConversionSource, ConversionStatus,
+    NewConversion, StoreError,
 };
 
 /// What one attempt to deliver led to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attempt {
-    /// Meta took the event, or refused it for good: the record is final.
+    /// Meta took the event, refused it for good, or its outcome can no longer be learned: the
+    /// record is final.
     Final,
-    /// Worth trying again later; the record stays queued.
+    /// Meta did not take it; worth trying again later. The record stays queued.
     Transient,
+    /// Meta may have it: the record waits for its one guarded resend.
+    Unanswered,
 }
 
-/// Applies the answer of one Graph call to a record (status, counts, error, trace id).
+/// The outbox's wait before its next attempt: the base after a request ran out of budget,
+/// doubling with each attempt the outbox itself made, capped.
+fn outbox_backoff(settings: &Settings, outbox_attempts: u32) -> Duration {
+    let factor = 2u32.saturating_pow(outbox_attempts.min(20));
+    settings
+        .outbox_backoff_base
+        .saturating_mul(factor)
+        .min(settings.outbox_backoff_max)
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Marks the record's next Graph call in flight; the caller makes that durable before it sends.
+/// Until `lease` has passed, the outbox leaves the record alone.
+pub fn start_attempt(record: &mut ConversionRecord, now_ms: i64, lease: Duration, outbox: bool) {
+    record.attempts += 1;
+    if outbox {
+        record.outbox_attempts += 1;
+    }
+    if record.unknown_outcomes > 0 {
+        record.possible_duplicate = true;
+    }
+    record.in_flight_since_ms = Some(now_ms);
+    record.updated_at_ms = now_ms;
+    record.next_attempt_at_ms = Some(now_ms.saturating_add(millis(lease)));
+}
+
+/// An attempt whose outcome is unknown. The first one is followed by a single resend, no
+/// earlier than the guard interval, flagged `possibleDuplicate`; after a second, the record is
+/// held as `unknown` and never sent again automatically.
+fn outcome_unknown(record: &mut ConversionRecord, now_ms: i64, settings: &Settings) -> Attempt {
+    record.in_flight_since_ms = None;
+    record.updated_at_ms = now_ms;
+    record.unknown_outcomes += 1;
+    if record.unknown_outcomes == 1 {
+        record.status = ConversionStatus::Queued;
+        record.next_attempt_at_ms =
+            Some(now_ms.saturating_add(millis(settings.unknown_resend_after)));
+        return Attempt::Unanswered;
+    }
+    record.status = ConversionStatus::Unknown;
+    record.events_failed = 1;
+    record.next_attempt_at_ms = None;
+    if let Some(error) = &mut record.error {
+        error.message = format!(
+            "Meta's answer was lost twice ({}); the event is not sent again automatically. Check Events Manager, and send it with a new eventId only if it is missing there",
+            error.code
+        );
+    }
+    Attempt::Final
+}
+
+/// Applies the answer of one Graph call to a record (status, counts, error, trace id, the next
+/// outbox time).
 fn apply_answer(
     record: &mut ConversionRecord,
     answer: Result<EventsReceived, GraphError>,
     now_ms: i64,
+    settings: &Settings,
 ) -> Attempt {
-    record.attempts += 1;
+    record.in_flight_since_ms = None;
     record.updated_at_ms = now_ms;
-    match answer {
+    let error = match answer {
         Ok(received) if received.events_received >= 1 => {
             record.status = ConversionStatus::Sent;
             record.events_received = received.events_received;
@@ -42,7 +104,7 @@ fn apply_answer(
             record.trace_id = received.fbtrace_id;
             record.error = None;
             record.next_attempt_at_ms = None;
-            Attempt::Final
+            return Attempt::Final;
         }
         Ok(received) => {
             record.status = ConversionStatus::Failed;
@@ -56,31 +118,35 @@ fn apply_answer(
                 meta_subcode: None,
             });
             record.next_attempt_at_ms = None;
-            Attempt::Final
+            return Attempt::Final;
         }
-        Err(error) => {
-            record.trace_id = error.trace_id().or(record.trace_id.take());
-            record.error = Some(ConversionFailure {
-                code: error.code(),
-                message: error.actionable_message(),
-                meta_code: error.meta_code(),
-                meta_subcode: error.meta_subcode(),
-            });
-            match error.class() {
-                ErrorClass::Transient => Attempt::Transient,
-                ErrorClass::Permanent => {
-                    record.status = ConversionStatus::Failed;
-                    record.events_received = 0;
-                    record.events_failed = 1;
-                    record.next_attempt_at_ms = None;
-                    Attempt::Final
-                }
-            }
+        Err(error) => error,
+    };
+    record.trace_id = error.trace_id().or(record.trace_id.take());
+    record.error = Some(ConversionFailure {
+        code: error.code(),
+        message: error.actionable_message(),
+        meta_code: error.meta_code(),
+        meta_subcode: error.meta_subcode(),
+    });
+    let settled = match error.class() {
+        ErrorClass::Transient => {
+            let backoff = outbox_backoff(settings, record.outbox_attempts);
+            record.next_attempt_at_ms = Some(now_ms.saturating_add(millis(backoff)));
+            return Attempt::Transient;
         }
-    }
+        ErrorClass::Unanswered => return outcome_unknown(record, now_ms, settings),
+        ErrorClass::Permanent => ConversionStatus::Failed,
+        ErrorClass::Unreadable => ConversionStatus::Unknown,
+    };
+    record.status = settled;
+    record.events_received = 0;
+    record.events_failed = 1;
+    record.next_attempt_at_ms = None;
+    Attempt::Final
 }
 
-/// Marks a record expired: still undelivered once Meta would no longer accept it.
+/// Marks an expired record: still undelivered once Meta would no longer accept it.
 pub fn expire(record: &mut ConversionRecord, now_ms: i64) {
     record.status = ConversionStatus::Expired;
     record.updated_at_ms = now_ms;
@@ -95,9 +161,31 @@ pub fn expire(record: &mut ConversionRecord, now_ms: i64) {
     });
 }
 
-/// One Graph call for a recorded conversion, applied to the record. After a transient failure
-/// the record is given its next outbox time, capped exponential from the base.
-pub async fn attempt_once(
+/// A record found in flight once its lease passed: the process that sent it stopped before it
+/// could store Meta's answer, so Meta may have the event.
+pub fn interrupted(record: &mut ConversionRecord, now_ms: i64, settings: &Settings) -> Attempt {
+    record.error = Some(ConversionFailure {
+        code: "send_interrupted".into(),
+        message: "ctwa-relay stopped while sending this event, so Meta may have it; it is sent once more after a guard interval and flagged possibleDuplicate".into(),
+        meta_code: None,
+        meta_subcode: None,
+    });
+    outcome_unknown(record, now_ms, settings)
+}
+
+/// Makes the record's in-flight mark durable, counting resends that may duplicate an event.
+pub async fn persist_attempt(state: &AppState, record: &ConversionRecord) -> Result<(), StoreError> {
+    state.store.save_conversion(record.clone()).await?;
+    state.store.durable().await?;
+    if record.unknown_outcomes > 0 {
+        state.metrics.possible_duplicate_sent();
+    }
+    Ok(())
+}
+
+/// One Graph call for a record already durably marked in flight, applied to the record. The
+/// caller stores the outcome.
+pub async fn send_marked(
     state: &AppState,
     account: &Account,
     record: &mut ConversionRecord,
@@ -112,29 +200,38 @@ pub async fn attempt_once(
             timeout,
         )
         .await;
-    let attempt = apply_answer(record, answer, state.clock.now().timestamp_millis());
-    if let Attempt::Transient = attempt {
-        let factor = 2u32.saturating_pow(record.attempts.saturating_sub(1).min(20));
-        let backoff = state
-            .settings
-            .outbox_backoff_base
-            .saturating_mul(factor)
-            .min(state.settings.outbox_backoff_max);
-        record.next_attempt_at_ms = Some(record.updated_at_ms + backoff.as_millis() as i64);
-    }
-    attempt
+    let now_ms = state.clock.now().timestamp_millis();
+    apply_answer(record, answer, now_ms, &state.settings)
 }
 
-/// Sends a just-recorded conversion, retrying transient failures within the request budget,
-/// and stores the outcome durably. A conversion still failing when the budget runs out stays
+/// What [`record_and_deliver`] did.
+pub struct Delivered {
+    pub record: ConversionRecord,
+    /// The same (account, event name, event id) was already recorded: nothing was sent.
+    pub deduplicated: bool,
+}
+
+/// Records a new conversion durably, with its first attempt marked in flight, then sends it,
+/// retrying transient failures within the request budget, and stores the outcome durably. A
+/// conversion still undelivered when the budget runs out, or whose answer was lost, stays
 /// queued for the outbox.
-pub async fn deliver_in_request(
+pub async fn record_and_deliver(
     state: &AppState,
     account: &Account,
-    record: &mut ConversionRecord,
-) -> Result<(), StoreError> {
+    mut record: ConversionRecord,
+) -> Result<Delivered, StoreError> {
     let started = Instant::now();
     let deadline = started + state.settings.delivery_budget;
+    // While this request sends, the outbox leaves the record alone until the lease passes.
+    let lease = state.settings.delivery_budget + state.graph.timeout() + Duration::from_secs(1);
+    start_attempt(&mut record, state.clock.now().timestamp_millis(), lease, false);
+    if let Begin::Existing(existing) = state.store.begin_conversion(record.clone()).await? {
+        return Ok(Delivered {
+            record: *existing,
+            deduplicated: true,
+        });
+    }
+    state.store.durable().await?;
     let mut pause = Duration::from_millis(100);
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -143,14 +240,15 @@ pub async fn deliver_in_request(
             .timeout()
             .min(remaining)
             .max(Duration::from_millis(50));
-        match attempt_once(state, account, record, timeout).await {
-            Attempt::Final => break,
-            // Out of budget: the outbox takes over at the time `attempt_once` set.
-            Attempt::Transient if Instant::now() + pause >= deadline => break,
-            Attempt::Transient => {
+        match send_marked(state, account, &mut record, timeout).await {
+            // Out of budget: the outbox takes over at the time the answer set.
+            Attempt::Transient if Instant::now() + pause < deadline => {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
+                start_attempt(&mut record, state.clock.now().timestamp_millis(), lease, false);
+                persist_attempt(state, &record).await?;
             }
+            _ => break,
         }
     }
     record.duration_ms = started.elapsed().as_millis() as u64;
@@ -161,7 +259,10 @@ pub async fn deliver_in_request(
     if record.status == ConversionStatus::Queued {
         state.outbox_wakeup.notify_one();
     }
-    Ok(())
+    Ok(Delivered {
+        record,
+        deduplicated: false,
+    })
 }
 
 /// The answer to a conversion request (Zernio's fields first), and its HTTP status.
@@ -170,7 +271,10 @@ pub fn result_body(
     deduplicated: bool,
 ) -> (actix_web::http::StatusCode, Value) {
     let failures: Vec<Value> = match (&record.status, &record.error) {
-        (ConversionStatus::Failed | ConversionStatus::Expired, Some(error)) => vec![json!({
+        (
+            ConversionStatus::Failed | ConversionStatus::Expired | ConversionStatus::Unknown,
+            Some(error),
+        ) => vec![json!({
             "eventIndex": 0,
             "eventId": record.event_id,
             "message": error.message,
@@ -201,6 +305,9 @@ pub fn result_body(
     };
     if deduplicated {
         body["deduplicated"] = json!(true);
+    }
+    if record.possible_duplicate {
+        body["possibleDuplicate"] = json!(true);
     }
     (status, body)
 }
@@ -263,29 +370,21 @@ pub async fn forward_automatic_events(
             None,
             state.settings.partner_agent.as_deref(),
         );
-        let now_ms = now.timestamp_millis();
-        let record = ConversionRecord {
-            account_id: account.id.clone(),
-            event_name: event.event_name.clone(),
-            event_id,
-            conversation_id,
-            event_time: event.timestamp,
-            source: ConversionSource::AutomaticEvent,
-            dataset_id,
-            request_body: body,
-            status: ConversionStatus::Queued,
-            attempts: 0,
-            created_at_ms: now_ms,
-            updated_at_ms: now_ms,
-            next_attempt_at_ms: Some(now_ms),
-            events_received: 0,
-            events_failed: 0,
-            trace_id: None,
-            duration_ms: 0,
-            error: None,
-            warnings: Vec::new(),
-        };
-        if let crate::store::Begin::Started = state.store.begin_conversion(record).await? {
+        let record = ConversionRecord::queued(
+            NewConversion {
+                account_id: account.id.clone(),
+                event_name: event.event_name.clone(),
+                event_id,
+                conversation_id,
+                event_time: event.timestamp,
+                source: ConversionSource::AutomaticEvent,
+                dataset_id,
+                request_body: body,
+                warnings: Vec::new(),
+            },
+            now.timestamp_millis(),
+        );
+        if let Begin::Started = state.store.begin_conversion(record).await? {
             queued = true;
         }
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{attempt_once, expire};
+use super::{expire, interrupted, persist_attempt, send_marked, start_attempt};
 use crate::domain::conversion::MAX_EVENT_AGE_SECS;
 use crate::startup::AppState;
 use crate::store::{ConversionFailure, ConversionStatus, StoreError};
@@ -69,22 +69,30 @@ async fn prune_journal(state: &AppState, now: i64, shutdown: &CancellationToken)
     }
 }
 
-/// One pass over the due conversions.
+/// One pass over the due conversions. Each record's attempt is durably marked in flight before
+/// its Graph call and its outcome durably stored right after, so a crash leaves at most one
+/// record whose outcome is unknown, and that one is known to be unknown.
 pub async fn deliver_due(state: &AppState, shutdown: &CancellationToken) -> Result<(), StoreError> {
     let due = state
         .store
         .due_conversions(state.clock.now().timestamp_millis(), BATCH)
         .await?;
-    let mut changed = false;
+    // An outbox attempt may use the whole Graph timeout; the lease outlasts it.
+    let lease = state.graph.timeout() + std::time::Duration::from_secs(1);
     for mut record in due {
         if shutdown.is_cancelled() {
             break;
         }
         let now = state.clock.now();
-        if now.timestamp() - record.event_time > MAX_EVENT_AGE_SECS {
-            expire(&mut record, now.timestamp_millis());
+        let now_ms = now.timestamp_millis();
+        if record.in_flight_since_ms.is_some() {
+            interrupted(&mut record, now_ms, &state.settings);
+        } else if now.timestamp() - record.event_time > MAX_EVENT_AGE_SECS {
+            expire(&mut record, now_ms);
         } else if let Some(account) = state.store.account(&record.account_id) {
-            attempt_once(state, &account, &mut record, state.graph.timeout()).await;
+            start_attempt(&mut record, now_ms, lease, true);
+            persist_attempt(state, &record).await?;
+            send_marked(state, &account, &mut record, state.graph.timeout()).await;
         } else {
             record.status = ConversionStatus::Failed;
             record.next_attempt_at_ms = None;
@@ -104,13 +112,11 @@ pub async fn deliver_due(state: &AppState, shutdown: &CancellationToken) -> Resu
                 event_name = %record.event_name,
                 status = record.status.as_str(),
                 attempts = record.attempts,
+                possible_duplicate = record.possible_duplicate,
                 "outbox conversion settled"
             );
         }
         state.store.save_conversion(record).await?;
-        changed = true;
-    }
-    if changed {
         state.store.durable().await?;
     }
     state

@@ -11,11 +11,18 @@ use serde_json::Value;
 use crate::secret::Secret;
 use crate::settings::Settings;
 
-/// Whether a failure is worth retrying (SPEC §5.5).
+/// What a failure says about the event, and so whether sending it again is safe (SPEC §5.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
+    /// Meta did not take the event (it refused it for now, or the request never left): retry.
     Transient,
+    /// Meta refused the event for good: do not retry.
     Permanent,
+    /// The request may have reached Meta but its answer was lost (a timeout, a connection broken
+    /// after the request was written). Meta does not deduplicate, so a resend may double-count.
+    Unanswered,
+    /// Meta answered success with a body that cannot be read: it very likely took the event.
+    Unreadable,
 }
 
 /// Meta's error object: `{"error": {...}}`.
@@ -52,6 +59,8 @@ pub enum GraphError {
     Timeout(Duration),
     #[error("cannot connect to the Graph API: {0}")]
     Connect(String),
+    #[error("the connection to the Graph API broke before Meta answered: {0}")]
+    Interrupted(String),
     #[error("Meta's answer could not be read: {0}")]
     Malformed(String),
 }
@@ -73,10 +82,11 @@ impl GraphError {
                 ErrorClass::Transient
             }
             GraphError::Status { .. } => ErrorClass::Permanent,
-            GraphError::Timeout(_) | GraphError::Connect(_) => ErrorClass::Transient,
+            GraphError::Connect(_) => ErrorClass::Transient,
+            GraphError::Timeout(_) | GraphError::Interrupted(_) => ErrorClass::Unanswered,
             // A success status with a body we cannot read: Meta may have taken the event, and it
             // does not deduplicate, so this is not retried automatically.
-            GraphError::Malformed(_) => ErrorClass::Permanent,
+            GraphError::Malformed(_) => ErrorClass::Unreadable,
         }
     }
 
@@ -87,6 +97,7 @@ impl GraphError {
             GraphError::Status { status } => format!("http_{status}"),
             GraphError::Timeout(_) => "timeout".into(),
             GraphError::Connect(_) => "connection_error".into(),
+            GraphError::Interrupted(_) => "connection_interrupted".into(),
             GraphError::Malformed(_) => "malformed_response".into(),
         }
     }
@@ -117,7 +128,10 @@ impl GraphError {
         let GraphError::Meta { error, .. } = self else {
             return match self {
                 GraphError::Malformed(_) => format!(
-                    "{self}. Meta may have received the event: check Events Manager before sending it again with the same eventId"
+                    "{self}. Meta very likely received the event, so it is not sent again: check Events Manager, and send it with a new eventId only if it is missing there"
+                ),
+                GraphError::Timeout(_) | GraphError::Interrupted(_) => format!(
+                    "{self}. Meta may or may not have received the event; it is sent once more after a guard interval and flagged possibleDuplicate"
                 ),
                 _ => format!("{self}. The event will be retried"),
             };
@@ -250,10 +264,17 @@ impl GraphClient {
             .await
             .map_err(|error| transport_error(error, timeout))?;
         let status = response.status();
-        let text = response
-            .text()
-            .await
-            .map_err(|error| transport_error(error, timeout))?;
+        let text = match response.text().await {
+            Ok(text) => text,
+            // Meta answered success and took the request; only its body was lost.
+            Err(error) if status.is_success() => {
+                return Err(GraphError::Malformed(format!(
+                    "HTTP {status} whose body could not be read ({})",
+                    error.without_url()
+                )))
+            }
+            Err(_) => return Err(GraphError::Status { status: status.as_u16() }),
+        };
         if status.is_success() {
             return Ok((status, text));
         }
@@ -269,14 +290,17 @@ impl GraphClient {
     }
 }
 
+/// A failure before Meta's status line arrived. Only a failure to connect proves the request
+/// never left; anything later (a timeout, a reset) may have reached Meta.
 fn transport_error(error: reqwest::Error, timeout: Duration) -> GraphError {
-    if error.is_timeout() {
-        GraphError::Timeout(timeout)
-    } else if error.is_connect() || error.is_request() {
-        // Without the URL: it is ours, not news, and the error text stays short.
+    // Without the URL: it is ours, not news, and the error text stays short.
+    if error.is_connect() {
         GraphError::Connect(error.without_url().to_string())
+    } else if error.is_timeout() {
+        GraphError::Timeout(timeout)
     } else {
-        GraphError::Malformed(error.without_url().to_string())
+        // reqwest's own message is just "error sending request"; the causes say what broke.
+        GraphError::Interrupted(crate::error::error_chain(&error.without_url()))
     }
 }
 
@@ -351,16 +375,22 @@ mod tests {
             ErrorClass::Permanent
         );
         assert_eq!(
-            GraphError::Timeout(Duration::from_secs(1)).class(),
-            ErrorClass::Transient
-        );
-        assert_eq!(
             GraphError::Connect("refused".into()).class(),
             ErrorClass::Transient
         );
+        // Issue 6: a timeout or a broken connection may have reached Meta, and a success that
+        // cannot be read almost surely did; neither is retried like a refusal.
+        assert_eq!(
+            GraphError::Timeout(Duration::from_secs(1)).class(),
+            ErrorClass::Unanswered
+        );
+        assert_eq!(
+            GraphError::Interrupted("reset".into()).class(),
+            ErrorClass::Unanswered
+        );
         assert_eq!(
             GraphError::Malformed("x".into()).class(),
-            ErrorClass::Permanent
+            ErrorClass::Unreadable
         );
     }
 

@@ -9,12 +9,12 @@ use crate::attribution::Conversation;
 use crate::auth::Caller;
 use crate::conversions::payload::{events_request_body, MetaEvent};
 use crate::conversions::request::{validate, ConversionBody, Lookup};
-use crate::conversions::{deliver_in_request, result_body};
+use crate::conversions::{record_and_deliver, result_body};
 use crate::domain::conversion::Currency;
 use crate::error::ApiError;
 use crate::routes::rfc3339;
 use crate::startup::AppState;
-use crate::store::{Begin, ConversionRecord, ConversionSource, ConversionStatus};
+use crate::store::{ConversionRecord, ConversionSource, NewConversion};
 
 /// Finds the conversation and its click id, or says why there is nothing to attribute.
 async fn attributed_conversation(
@@ -123,37 +123,22 @@ pub async fn send(
             },
         })));
     }
-    let now_ms = state.clock.now().timestamp_millis();
-    // While this request sends, the outbox leaves the record alone until the lease passes.
-    let lease =
-        state.settings.delivery_budget + state.graph.timeout() + std::time::Duration::from_secs(1);
-    let mut record = ConversionRecord {
-        account_id: account.id.clone(),
-        event_name: request.event_name.as_str().to_string(),
-        event_id: request.event_id.as_str().to_string(),
-        conversation_id: conversation.id.clone(),
-        event_time: request.event_time,
-        source: ConversionSource::Api,
-        dataset_id,
-        request_body: meta_body,
-        status: ConversionStatus::Queued,
-        attempts: 0,
-        created_at_ms: now_ms,
-        updated_at_ms: now_ms,
-        next_attempt_at_ms: Some(now_ms + lease.as_millis() as i64),
-        events_received: 0,
-        events_failed: 0,
-        trace_id: None,
-        duration_ms: 0,
-        error: None,
-        warnings,
-    };
-    if let Begin::Existing(existing) = state.store.begin_conversion(record.clone()).await? {
-        let (status, body) = result_body(&existing, true);
-        return Ok(HttpResponse::build(status).json(body));
-    }
-    deliver_in_request(&state, &account, &mut record).await?;
-    let (status, body) = result_body(&record, false);
+    let record = ConversionRecord::queued(
+        NewConversion {
+            account_id: account.id.clone(),
+            event_name: request.event_name.as_str().to_string(),
+            event_id: request.event_id.as_str().to_string(),
+            conversation_id: conversation.id.clone(),
+            event_time: request.event_time,
+            source: ConversionSource::Api,
+            dataset_id,
+            request_body: meta_body,
+            warnings,
+        },
+        state.clock.now().timestamp_millis(),
+    );
+    let delivered = record_and_deliver(&state, &account, record).await?;
+    let (status, body) = result_body(&delivered.record, delivered.deduplicated);
     Ok(HttpResponse::build(status).json(body))
 }
 
@@ -174,6 +159,7 @@ fn history_item(record: &ConversionRecord) -> Value {
         "traceId": record.trace_id,
         "durationMs": record.duration_ms,
         "attempts": record.attempts,
+        "possibleDuplicate": record.possible_duplicate,
         "error": record.error.as_ref().map(|error| error.message.clone()),
         "errorCode": record.error.as_ref().map(|error| error.code.clone()),
     })

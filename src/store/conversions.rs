@@ -20,6 +20,9 @@ pub enum ConversionStatus {
     Failed,
     /// Still undelivered when the event became older than Meta accepts.
     Expired,
+    /// Meta may have taken it but never said so (its answer was lost twice, or could not be
+    /// read): never sent again automatically; an operator checks Events Manager.
+    Unknown,
 }
 
 impl ConversionStatus {
@@ -29,6 +32,7 @@ impl ConversionStatus {
             ConversionStatus::Sent => "sent",
             ConversionStatus::Failed => "failed",
             ConversionStatus::Expired => "expired",
+            ConversionStatus::Unknown => "unknown",
         }
     }
 }
@@ -60,7 +64,21 @@ pub struct ConversionRecord {
     /// The exact body sent to Meta (customer data only as hashes); the token is not in it.
     pub request_body: Value,
     pub status: ConversionStatus,
+    /// Graph calls started for this record, by requests and the outbox.
     pub attempts: u32,
+    /// Graph calls started by the outbox; its backoff doubles with these only.
+    #[serde(default)]
+    pub outbox_attempts: u32,
+    /// Set (durably) just before a Graph call and cleared with its outcome: a record found with
+    /// it set and its lease passed was cut off mid-send, so Meta may have it.
+    #[serde(default)]
+    pub in_flight_since_ms: Option<i64>,
+    /// Attempts whose outcome stayed unknown (cut off, timed out, connection broken).
+    #[serde(default)]
+    pub unknown_outcomes: u32,
+    /// Sent again after an attempt with an unknown outcome: Meta may count it twice.
+    #[serde(default)]
+    pub possible_duplicate: bool,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     /// When the outbox may try next; while a request is sending, a lease past its budget.
@@ -73,7 +91,49 @@ pub struct ConversionRecord {
     pub warnings: Vec<String>,
 }
 
+/// A conversion as its source describes it, before any attempt.
+pub struct NewConversion {
+    pub account_id: String,
+    pub event_name: String,
+    pub event_id: String,
+    pub conversation_id: String,
+    pub event_time: i64,
+    pub source: ConversionSource,
+    pub dataset_id: String,
+    pub request_body: Value,
+    pub warnings: Vec<String>,
+}
+
 impl ConversionRecord {
+    /// A new queued record, due at once.
+    pub fn queued(new: NewConversion, now_ms: i64) -> Self {
+        Self {
+            account_id: new.account_id,
+            event_name: new.event_name,
+            event_id: new.event_id,
+            conversation_id: new.conversation_id,
+            event_time: new.event_time,
+            source: new.source,
+            dataset_id: new.dataset_id,
+            request_body: new.request_body,
+            status: ConversionStatus::Queued,
+            attempts: 0,
+            outbox_attempts: 0,
+            in_flight_since_ms: None,
+            unknown_outcomes: 0,
+            possible_duplicate: false,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            next_attempt_at_ms: Some(now_ms),
+            events_received: 0,
+            events_failed: 0,
+            trace_id: None,
+            duration_ms: 0,
+            error: None,
+            warnings: new.warnings,
+        }
+    }
+
     fn record_key(&self) -> Vec<u8> {
         key(&[&self.account_id, &self.event_name, &self.event_id])
     }
@@ -83,7 +143,8 @@ impl ConversionRecord {
 pub enum Begin {
     /// The record is stored as queued; the caller sends it.
     Started,
-    /// The same (account, event name, event id) is already sent or queued: nothing is sent.
+    /// The same (account, event name, event id) is already sent, queued or of unknown outcome:
+    /// nothing is sent.
     Existing(Box<ConversionRecord>),
 }
 
@@ -170,14 +231,15 @@ fn newest_first(
 
 impl Store {
     /// Records a conversion before it is sent, unless the same (account, event name, event id)
-    /// is already sent or queued. A failed or expired one may be sent again.
+    /// is already sent, queued or of unknown outcome. A failed or expired one may be sent again.
+    /// The caller makes the record durable before it sends.
     pub async fn begin_conversion(&self, record: ConversionRecord) -> Result<Begin, StoreError> {
         self.write(move |inner| {
             let previous = get(&inner.trees, &record.record_key())?;
             if let Some(previous) = &previous {
                 if matches!(
                     previous.status,
-                    ConversionStatus::Sent | ConversionStatus::Queued
+                    ConversionStatus::Sent | ConversionStatus::Queued | ConversionStatus::Unknown
                 ) {
                     return Ok(Begin::Existing(Box::new(previous.clone())));
                 }

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use crate::domain::account::{Account, ApiKey};
 
 pub use conversions::{
-    Begin, ConversionFailure, ConversionRecord, ConversionSource, ConversionStatus,
+    Begin, ConversionFailure, ConversionRecord, ConversionSource, ConversionStatus, NewConversion,
 };
 pub use ingest::{IngestReport, UserRecord, WebhookParser};
 

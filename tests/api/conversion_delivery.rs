@@ -423,3 +423,182 @@ async fn the_history_shows_every_outcome_newest_first() {
         3
     );
 }
+
+/// Answers every Graph call with `template` and notes when each call arrived.
+struct TimedResponder {
+    arrivals: std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+    template: ResponseTemplate,
+}
+
+impl wiremock::Respond for TimedResponder {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        self.arrivals
+            .lock()
+            .unwrap()
+            .push(std::time::Instant::now());
+        self.template.clone()
+    }
+}
+
+fn graph_calls(app_graph_requests: &[wiremock::Request]) -> usize {
+    app_graph_requests
+        .iter()
+        .filter(|request| request.url.path() == events_path())
+        .count()
+}
+
+#[tokio::test]
+async fn after_a_202_the_first_outbox_retry_comes_one_base_interval_later() {
+    let base = Duration::from_millis(1500);
+    let (app, conversation_id) = app_with_click_using(|settings| {
+        short_budget(settings);
+        settings.outbox_backoff_base = base;
+        settings.outbox_backoff_max = Duration::from_secs(60);
+    })
+    .await;
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    Mock::given(method("POST"))
+        .and(path(events_path()))
+        .respond_with(TimedResponder {
+            arrivals: arrivals.clone(),
+            template: ResponseTemplate::new(503),
+        })
+        .mount(&app.graph)
+        .await;
+    let response = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "backoff")).await;
+    assert_eq!(response.status(), 202);
+    let in_request = arrivals.lock().unwrap().len();
+    assert!(in_request >= 2, "retried inside the request: {in_request}");
+    let last_in_request = *arrivals.lock().unwrap().last().unwrap();
+    // The in-request attempts do not count toward the outbox's backoff: its first retry comes
+    // one base interval after them, not base × 2^(attempts − 1).
+    let deadline = std::time::Instant::now() + base * 4;
+    while arrivals.lock().unwrap().len() == in_request {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no outbox retry within {:?}",
+            base * 4
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gap = arrivals.lock().unwrap()[in_request] - last_in_request;
+    assert!(
+        gap >= base - Duration::from_millis(100) && gap < base * 2,
+        "first outbox retry came {gap:?} after the last in-request attempt (base {base:?})"
+    );
+}
+
+#[tokio::test]
+async fn an_answer_lost_to_a_timeout_is_resent_once_after_the_guard_then_held_as_unknown() {
+    let (app, conversation_id) = app_with_click_using(|settings| {
+        settings.graph_timeout = Duration::from_millis(300);
+        settings.unknown_resend_after = Duration::from_millis(600);
+        short_budget(settings);
+    })
+    .await;
+    Mock::given(method("POST"))
+        .and(path(events_path()))
+        .respond_with(meta_success("TOO-LATE").set_delay(Duration::from_secs(2)))
+        .mount(&app.graph)
+        .await;
+    let response = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "slow-meta")).await;
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["lastError"]["code"], "timeout");
+    // Not resent inside the request: Meta may have it.
+    assert_eq!(
+        graph_calls(&app.graph.received_requests().await.unwrap()),
+        1
+    );
+    let history = wait_for_status(&app, "unknown").await;
+    let item = &history["events"][0];
+    assert_eq!(item["attempts"], 2);
+    assert_eq!(item["possibleDuplicate"], true);
+    assert_eq!(item["errorCode"], "timeout");
+    assert!(
+        item["error"].as_str().unwrap().contains("Events Manager"),
+        "{item}"
+    );
+    // Held for the operator: nothing more is sent, and a repeat is answered from the record.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        graph_calls(&app.graph.received_requests().await.unwrap()),
+        2
+    );
+    let repeat: Value = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "slow-meta"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(repeat["deduplicated"], true);
+    assert_eq!(repeat["status"], "unknown");
+    assert_eq!(repeat["possibleDuplicate"], true);
+    let metrics = app.metrics().await;
+    assert_eq!(
+        crate::helpers::metric_value(&metrics, "ctwa_conversion_possible_duplicates_total"),
+        Some(1.0)
+    );
+    assert!(
+        metrics.contains("ctwa_conversions_total{status=\"unknown\""),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_resend_after_a_lost_answer_that_succeeds_is_sent_and_flagged() {
+    let (app, conversation_id) = app_with_click_using(|settings| {
+        settings.graph_timeout = Duration::from_millis(300);
+        settings.unknown_resend_after = Duration::from_millis(300);
+        short_budget(settings);
+    })
+    .await;
+    Mock::given(method("POST"))
+        .and(path(events_path()))
+        .respond_with(meta_success("LOST").set_delay(Duration::from_secs(2)))
+        .up_to_n_times(1)
+        .mount(&app.graph)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(events_path()))
+        .respond_with(meta_success("RESENT"))
+        .mount(&app.graph)
+        .await;
+    let response = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "once-more")).await;
+    assert_eq!(response.status(), 202);
+    let history = wait_for_status(&app, "sent").await;
+    let item = &history["events"][0];
+    assert_eq!(item["traceId"], "RESENT");
+    assert_eq!(item["possibleDuplicate"], true);
+    assert_eq!(
+        graph_calls(&app.graph.received_requests().await.unwrap()),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_success_that_cannot_be_read_is_unknown_and_never_sent_again() {
+    let (app, conversation_id) = app_with_click().await;
+    Mock::given(method("POST"))
+        .and(path(events_path()))
+        .respond_with(ResponseTemplate::new(200).set_body_string("{\"events_rec"))
+        .expect(1)
+        .mount(&app.graph)
+        .await;
+    let first: Value = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "truncated"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["status"], "unknown");
+    assert_eq!(first["failures"][0]["code"], "malformed_response");
+    // Meta took the request; a client's retry must not make it count twice.
+    let repeat: Value = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "truncated"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(repeat["deduplicated"], true);
+    assert_eq!(repeat["status"], "unknown");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.graph.verify().await;
+}
