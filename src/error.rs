@@ -122,6 +122,9 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::Conflict(message) => Self::new(StatusCode::CONFLICT, "conflict", message),
+            StoreError::AccountIdRetired(message) => {
+                Self::new(StatusCode::CONFLICT, "account_id_retired", message)
+            }
             StoreError::Flush(_) | StoreError::Sled(_) | StoreError::TaskGone => {
                 tracing::error!(error = %error_chain(&error), "store unavailable");
                 Self::new(

@@ -261,15 +261,29 @@ pub async fn update_account(
     Ok(HttpResponse::Ok().json(AccountView::from(&account)))
 }
 
+/// Deletes an account: every API key scoped to it loses it (a key left with none is revoked), and
+/// its id is retired. Its conversations and conversions are kept under that id, readable with
+/// the admin token; a new account must use another id.
 pub async fn delete_account(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
-    if !state.store.delete_account(path.into_inner()).await? {
+    let id = path.into_inner();
+    let Some(deletion) = state
+        .store
+        .delete_account(id.clone(), state.clock.now_secs())
+        .await?
+    else {
         return Err(ApiError::not_found("account_not_found", "no such account"));
-    }
+    };
+    tracing::info!(
+        account_id = %id,
+        narrowed_keys = deletion.narrowed_keys,
+        revoked_keys = deletion.revoked_keys,
+        "account deleted; its id is retired and its data kept"
+    );
     Ok(HttpResponse::NoContent().finish())
 }
 

@@ -47,6 +47,9 @@ pub enum StoreError {
     TaskGone,
     #[error("{0}")]
     Conflict(String),
+    /// The id belonged to a deleted account: its data is kept under it, so it is never reused.
+    #[error("{0}")]
+    AccountIdRetired(String),
 }
 
 /// One flusher thread that turns many "make my writes durable" requests into one `flush()`.
@@ -81,6 +84,8 @@ pub(crate) struct Trees {
     meta: sled::Tree,
     accounts: sled::Tree,
     account_by_phone_number_id: sled::Tree,
+    /// Ids of deleted accounts (tombstones): never given to a new account.
+    retired_accounts: sled::Tree,
     api_keys: sled::Tree,
     users: sled::Tree,
     phone_index: sled::Tree,
@@ -169,6 +174,7 @@ impl Store {
             meta,
             accounts: db.open_tree("accounts")?,
             account_by_phone_number_id: db.open_tree("account_by_phone_number_id")?,
+            retired_accounts: db.open_tree("retired_accounts")?,
             api_keys: db.open_tree("api_keys")?,
             users: db.open_tree("users")?,
             phone_index: db.open_tree("phone_index")?,

@@ -860,3 +860,296 @@ async fn a_scoped_key_cannot_read_another_accounts_conversation() {
         "CLID-OTHER"
     );
 }
+
+/// The attribution lookup of `phone` as `token` sees: (status, body text).
+async fn lookup(app: &TestApp, phone: &str, token: &str) -> (u16, String) {
+    call(
+        app,
+        Method::GET,
+        &format!("/v1/whatsapp/attribution?phone={phone}"),
+        Some(token),
+        None,
+    )
+    .await
+}
+
+/// The admin's list of API keys: (id, accountIds) pairs.
+async fn listed_keys(app: &TestApp) -> Vec<(String, Value)> {
+    let (status, text) = call(
+        app,
+        Method::GET,
+        "/v1/admin/api-keys",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    parse(&text)["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|key| {
+            (
+                key["id"].as_str().unwrap().to_string(),
+                key["accountIds"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn deleting_an_account_revokes_its_own_keys_and_narrows_shared_ones() {
+    let app = spawn_app().await;
+    let phone = "15551115555";
+    two_accounts_one_user(&app, phone).await;
+    let only_sample_key = app.create_key(&[SAMPLE_ACCOUNT_ID]).await;
+    let shared_key = app.create_key(&[SAMPLE_ACCOUNT_ID, OTHER_ACCOUNT_ID]).await;
+    let other_key = app.create_key(&[OTHER_ACCOUNT_ID]).await;
+    let (_, text) = lookup(&app, phone, &shared_key).await;
+    assert!(text.contains("CLID-SAMPLE"), "{text}");
+
+    let (status, text) = call(
+        &app,
+        Method::DELETE,
+        &format!("/v1/admin/accounts/{SAMPLE_ACCOUNT_ID}"),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "{text}");
+    assert!(text.is_empty(), "{text}");
+
+    // A key that reached the deleted account only is revoked.
+    let (status, text) = lookup(&app, phone, &only_sample_key).await;
+    assert_unauthorized(status, &text, "a key scoped to the deleted account only");
+
+    // A shared key keeps its other account and loses the deleted one.
+    let (status, text) = lookup(&app, phone, &shared_key).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(!text.contains("CLID-SAMPLE"), "{text}");
+    let body = parse(&text);
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{text}");
+    assert_eq!(results[0]["accountId"], OTHER_ACCOUNT_ID);
+    let (status, text) = call(
+        &app,
+        Method::GET,
+        &format!("/v1/whatsapp/attribution?phone={phone}&accountId={SAMPLE_ACCOUNT_ID}"),
+        Some(&shared_key),
+        None,
+    )
+    .await;
+    assert_error(status, &text, 404, "account_not_found");
+
+    // A key that never reached it is untouched.
+    let (status, text) = lookup(&app, phone, &other_key).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("CLID-OTHER"), "{text}");
+
+    // The admin's list agrees: two keys left, both on the other account only.
+    let keys = listed_keys(&app).await;
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    for (_, account_ids) in &keys {
+        assert_eq!(account_ids, &json!([OTHER_ACCOUNT_ID]), "{keys:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_account_id_is_retired_and_its_data_is_kept_for_the_admin_only() {
+    let app = spawn_app().await;
+    let phone = "15551116666";
+    two_accounts_one_user(&app, phone).await;
+    let old_key = app.create_key(&[SAMPLE_ACCOUNT_ID]).await;
+    let path = format!("/v1/admin/accounts/{SAMPLE_ACCOUNT_ID}");
+    let (status, text) = call(&app, Method::DELETE, &path, Some(ADMIN_TOKEN), None).await;
+    assert_eq!(status, 204, "{text}");
+
+    // The same id, another number: refused with a code of its own and a message that says why.
+    let new_number = "301234567890123";
+    let (status, text) = call(
+        &app,
+        Method::POST,
+        "/v1/admin/accounts",
+        Some(ADMIN_TOKEN),
+        Some(&account_body(Some(SAMPLE_ACCOUNT_ID), new_number)),
+    )
+    .await;
+    assert_error(status, &text, 409, "account_id_retired");
+    let message = parse(&text)["error"].as_str().unwrap().to_string();
+    assert!(message.contains(SAMPLE_ACCOUNT_ID), "{message}");
+    assert!(
+        message.contains("conversations and conversions are kept"),
+        "{message}"
+    );
+    assert!(message.contains("another id"), "{message}");
+    let (status, text) = call(&app, Method::GET, &path, Some(ADMIN_TOKEN), None).await;
+    assert_error(status, &text, 404, "account_not_found");
+
+    // The old key stays dead.
+    let (status, text) = lookup(&app, phone, &old_key).await;
+    assert_unauthorized(status, &text, "the deleted account's key");
+
+    // A new account on the old number, under a new id, starts with nothing of the old one.
+    let new_id = "acc_sample_2";
+    let (status, text) = call(
+        &app,
+        Method::POST,
+        "/v1/admin/accounts",
+        Some(ADMIN_TOKEN),
+        Some(&account_body(Some(new_id), SAMPLE_PHONE_NUMBER_ID)),
+    )
+    .await;
+    assert_eq!(status, 201, "{text}");
+    let new_key = app.create_key(&[new_id]).await;
+    let (status, text) = lookup(&app, phone, &new_key).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(parse(&text)["results"], json!([]), "{text}");
+
+    // The deleted account's click ids are still in the store, under the retired id, for the
+    // admin token only.
+    let everything = app.attribution(phone).await;
+    let kept = everything["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|result| result["accountId"] == SAMPLE_ACCOUNT_ID)
+        .unwrap_or_else(|| panic!("the deleted account's data is gone: {everything}"));
+    assert_eq!(
+        kept["conversations"][0]["metadata"]["ctwa_clid"],
+        "CLID-SAMPLE"
+    );
+}
+
+#[tokio::test]
+async fn a_key_cannot_be_created_for_a_deleted_account() {
+    let app = spawn_app().await;
+    app.register_sample_account().await;
+    let (status, _) = call(
+        &app,
+        Method::DELETE,
+        &format!("/v1/admin/accounts/{SAMPLE_ACCOUNT_ID}"),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (status, text) = call(
+        &app,
+        Method::POST,
+        "/v1/admin/api-keys",
+        Some(ADMIN_TOKEN),
+        Some(&json!({"name": "late", "accountIds": [SAMPLE_ACCOUNT_ID]})),
+    )
+    .await;
+    assert_error(status, &text, 400, "unknown_account");
+    assert_eq!(listed_keys(&app).await, vec![]);
+}
+
+/// The deletion is durable before its 204: after a SIGKILL right after it, the real binary
+/// still refuses the key, lists it narrowed or not at all, and keeps the id retired.
+#[tokio::test]
+async fn an_account_deletion_survives_a_kill_right_after_its_answer() {
+    use crate::server::{RunningServer, EXIT_TIMEOUT};
+
+    let data_dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("CTWA_APP_SECRETS", crate::helpers::APP_SECRET.to_string()),
+        ("CTWA_ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
+        (
+            "CTWA_VERIFY_TOKEN",
+            crate::helpers::VERIFY_TOKEN.to_string(),
+        ),
+        ("CTWA_GRAPH_URL", "http://127.0.0.1:9".to_string()),
+    ];
+    let admin = |server: &RunningServer, method: Method, path: &str, body: Option<Value>| {
+        let mut request = server
+            .client
+            .request(method, server.url(path))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move {
+            let response = request.send().await.expect("the server answers");
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap())
+        }
+    };
+
+    let mut server = RunningServer::launch(data_dir.path(), &env).await;
+    for (id, number) in [
+        (SAMPLE_ACCOUNT_ID, SAMPLE_PHONE_NUMBER_ID),
+        (OTHER_ACCOUNT_ID, OTHER_PHONE_NUMBER_ID),
+    ] {
+        let (status, text) = admin(
+            &server,
+            Method::POST,
+            "/v1/admin/accounts",
+            Some(account_body(Some(id), number)),
+        )
+        .await;
+        assert_eq!(status, 201, "{text}");
+    }
+    let mut secrets = Vec::new();
+    for account_ids in [
+        json!([SAMPLE_ACCOUNT_ID]),
+        json!([SAMPLE_ACCOUNT_ID, OTHER_ACCOUNT_ID]),
+    ] {
+        let (status, text) = admin(
+            &server,
+            Method::POST,
+            "/v1/admin/api-keys",
+            Some(json!({"name": "k", "accountIds": account_ids})),
+        )
+        .await;
+        assert_eq!(status, 201, "{text}");
+        secrets.push(parse(&text)["key"].as_str().unwrap().to_string());
+    }
+    let (status, text) = admin(
+        &server,
+        Method::DELETE,
+        &format!("/v1/admin/accounts/{SAMPLE_ACCOUNT_ID}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "{text}");
+    server.kill_hard().await;
+    drop(server);
+
+    let mut server = RunningServer::launch(data_dir.path(), &env).await;
+    let with_key = |secret: &str, account_id: &str| {
+        server
+            .client
+            .get(server.url(&format!(
+                "/v1/whatsapp/attribution?phone=15551117777&accountId={account_id}"
+            )))
+            .bearer_auth(secret)
+            .send()
+    };
+    let only_sample = with_key(&secrets[0], OTHER_ACCOUNT_ID).await.unwrap();
+    assert_eq!(only_sample.status(), 401, "{}", server.log());
+    let shared_on_sample = with_key(&secrets[1], SAMPLE_ACCOUNT_ID).await.unwrap();
+    assert_eq!(shared_on_sample.status(), 404);
+    let shared_on_other = with_key(&secrets[1], OTHER_ACCOUNT_ID).await.unwrap();
+    assert_eq!(shared_on_other.status(), 200);
+    let (status, text) = admin(&server, Method::GET, "/v1/admin/api-keys", None).await;
+    assert_eq!(status, 200, "{text}");
+    let keys = parse(&text)["keys"].clone();
+    assert_eq!(keys.as_array().unwrap().len(), 1, "{keys}");
+    assert_eq!(keys[0]["accountIds"], json!([OTHER_ACCOUNT_ID]));
+    let (status, text) = admin(
+        &server,
+        Method::POST,
+        "/v1/admin/accounts",
+        Some(account_body(Some(SAMPLE_ACCOUNT_ID), "301234567890123")),
+    )
+    .await;
+    assert_error(status, &text, 409, "account_id_retired");
+
+    server.terminate();
+    assert!(
+        server.wait_for_exit(EXIT_TIMEOUT).await.success(),
+        "{}",
+        server.log()
+    );
+}
