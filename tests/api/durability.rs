@@ -303,3 +303,112 @@ async fn a_queued_conversion_is_delivered_by_the_outbox_after_a_restart() {
     assert_eq!(sent["data"][0]["user_data"]["ctwa_clid"], "CLID-RESTART");
     graph.verify().await;
 }
+
+/// Issue 6: a conversion is durable before it is sent. The process is killed while Meta holds
+/// the request: after the restart the record is there, a client's retry is deduplicated, and
+/// the event is sent exactly once more, flagged possibleDuplicate, after the guard interval.
+#[tokio::test]
+async fn a_conversion_cut_off_mid_send_is_kept_and_resent_once_flagged() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let graph = MockServer::builder().start().await;
+    let events_path = format!("/v25.0/{SAMPLE_DATASET_ID}/events");
+    let success = ResponseTemplate::new(200)
+        .set_body_json(json!({"events_received": 1, "messages": [], "fbtrace_id": "AFTER-CUT"}));
+    Mock::given(method("POST"))
+        .and(path(events_path.clone()))
+        .respond_with(success.clone().set_delay(Duration::from_secs(60)))
+        .mount(&graph)
+        .await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("CTWA_GRAPH_URL", graph.uri()),
+        ("CTWA_GRAPH_TIMEOUT_MS", "3000".to_string()),
+        ("CTWA_DELIVERY_BUDGET_MS", "400".to_string()),
+        ("CTWA_OUTBOX_POLL_INTERVAL_MS", "100".to_string()),
+        ("CTWA_UNKNOWN_RESEND_AFTER_MS", "300".to_string()),
+    ];
+    let mut first = RunningServer::start_with(data_dir.path(), &env).await;
+    first.register_sample_account().await;
+    let webhook = messages_webhook(&[(
+        "wamid.CUT",
+        "15557650000",
+        chrono::Utc::now().timestamp() - 60,
+        Some(referral(Some("CLID-CUT"), "ad-cut")),
+    )]);
+    first
+        .post_webhooks_concurrently(vec![serde_json::to_vec(&webhook).unwrap()])
+        .await;
+    let lead = json!({
+        "accountId": SAMPLE_ACCOUNT_ID,
+        "eventName": "LeadSubmitted",
+        "eventId": "lead-cut-off",
+        "phoneE164": "15557650000"
+    });
+    let request = first
+        .client
+        .post(first.url("/v1/whatsapp/conversions"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&lead)
+        .send();
+    let client = tokio::spawn(request);
+    for _ in 0..400 {
+        if !graph.received_requests().await.unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(graph.received_requests().await.unwrap().len(), 1);
+    // Meta has the request; the client never gets its answer.
+    first.kill_hard().await;
+    assert!(client.await.unwrap().is_err());
+
+    graph.reset().await;
+    Mock::given(method("POST"))
+        .and(path(events_path))
+        .respond_with(success)
+        .expect(1)
+        .mount(&graph)
+        .await;
+    // The default Graph timeout again, so the lease of the cut-off attempt passes quickly.
+    let env = [&env[..1], &env[2..]].concat();
+    let second = RunningServer::start_with(data_dir.path(), &env).await;
+    let retry: Value = second
+        .client
+        .post(second.url("/v1/whatsapp/conversions"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&lead)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(retry["deduplicated"], true, "{retry}");
+    let mut settled = Value::Null;
+    for _ in 0..600 {
+        let history: Value = second
+            .client
+            .get(second.url(&format!(
+                "/v1/whatsapp/conversions?accountId={SAMPLE_ACCOUNT_ID}"
+            )))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if history["events"][0]["status"] == "sent" {
+            settled = history["events"][0].clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(settled["traceId"], "AFTER-CUT", "{}", second.log());
+    assert_eq!(settled["possibleDuplicate"], true);
+    assert_eq!(settled["attempts"], 2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    graph.verify().await;
+}
