@@ -80,13 +80,14 @@ pub fn parse_event_time(event_time: Option<i64>, now: i64) -> Result<i64, FieldE
             format!("eventTime {event_time} looks like milliseconds; send unix seconds"),
         ));
     }
-    if now - event_time > MAX_EVENT_AGE_SECS {
+    // Saturating: an eventTime near i64::MIN must read as too old, not wrap into the future.
+    if now.saturating_sub(event_time) > MAX_EVENT_AGE_SECS {
         return Err(FieldError::new(
             "event_time_too_old",
             "eventTime is more than 7 days old; Meta rejects such events (and the whole request with them)",
         ));
     }
-    if event_time - now > MAX_FUTURE_SKEW_SECS {
+    if event_time.saturating_sub(now) > MAX_FUTURE_SKEW_SECS {
         return Err(FieldError::new(
             "event_time_in_future",
             "eventTime is more than 5 minutes in the future; check the sender's clock",

@@ -103,6 +103,7 @@ impl FromRequest for VerifiedWebhook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn sign(secret: &str, body: &[u8]) -> String {
         let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
@@ -144,5 +145,59 @@ mod tests {
         assert!(!verify_signature(&secrets, "sha256=zz", b"x"));
         assert!(!verify_signature(&secrets, "sha256=", b"x"));
         assert!(!verify_signature(&secrets, &good, b"y"));
+    }
+
+    proptest! {
+        /// The header Meta would send verifies under whichever configured secret made it; the
+        /// same header over a body changed in one bit, one byte longer or shorter, and a digest
+        /// changed in one bit, cut short or extended, are all refused.
+        #[test]
+        fn a_true_signature_verifies_and_any_change_is_refused(
+            secret_texts in prop::collection::vec("[ -~]{1,40}", 1..4),
+            signer in any::<prop::sample::Index>(),
+            body in prop::collection::vec(any::<u8>(), 0..300),
+            at in any::<prop::sample::Index>(),
+            bit in 0..8u32,
+        ) {
+            let secrets: Vec<Secret> = secret_texts.iter().map(Secret::new).collect();
+            let header = sign(&secret_texts[signer.index(secret_texts.len())], &body);
+            prop_assert!(verify_signature(&secrets, &header, &body));
+
+            let mut longer = body.clone();
+            longer.push(b' ');
+            prop_assert!(!verify_signature(&secrets, &header, &longer));
+            if !body.is_empty() {
+                let mut flipped = body.clone();
+                flipped[at.index(body.len())] ^= 1 << bit;
+                prop_assert!(!verify_signature(&secrets, &header, &flipped));
+                prop_assert!(!verify_signature(&secrets, &header, &body[..body.len() - 1]));
+            }
+
+            let mut digest = hex::decode(&header["sha256=".len()..]).unwrap();
+            let digest_at = at.index(digest.len());
+            digest[digest_at] ^= 1 << bit;
+            let changed = format!("sha256={}", hex::encode(&digest));
+            prop_assert!(!verify_signature(&secrets, &changed, &body));
+            prop_assert!(!verify_signature(&secrets, &header[..header.len() - 2], &body));
+            let extended = format!("{header}00");
+            prop_assert!(!verify_signature(&secrets, &extended, &body));
+            prop_assert!(!verify_signature(&secrets, &header.replace("sha256=", "sha1="), &body));
+        }
+
+        /// Headers nobody computed from the body are refused, whatever bytes they hold.
+        #[test]
+        fn made_up_headers_are_refused(
+            header in prop_oneof![
+                any::<String>(),
+                "sha256=[0-9a-f]{64}",
+                "sha256=[0-9a-fA-F]{0,70}",
+                " *sha256=[0-9a-f]{64}\\PC{0,3}",
+            ],
+            body in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let secrets = [Secret::new("test_app_secret"), Secret::new("")];
+            prop_assert!(!verify_signature(&secrets, &header, &body));
+            prop_assert!(!verify_signature(&[], &header, &body));
+        }
     }
 }
