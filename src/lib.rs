@@ -10,6 +10,7 @@ pub mod conversions;
 pub mod domain;
 pub mod error;
 pub mod graph;
+pub mod json_body;
 pub mod metrics;
 pub mod routes;
 pub mod secret;

@@ -3,7 +3,7 @@
 use std::net::TcpListener;
 
 use actix_web::dev::Server;
-use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
+use actix_web::error::{PathError, QueryPayloadError};
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpRequest, HttpServer};
 use anyhow::Context;
@@ -13,6 +13,7 @@ use crate::clock::Clock;
 use crate::conversions::outbox;
 use crate::error::ApiError;
 use crate::graph::GraphClient;
+use crate::json_body;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::settings::Settings;
@@ -79,7 +80,7 @@ impl Application {
                 .app_data(
                     web::JsonConfig::default()
                         .limit(api_body_limit)
-                        .error_handler(json_error),
+                        .error_handler(json_body::json_error),
                 )
                 .app_data(web::QueryConfig::default().error_handler(query_error))
                 .app_data(web::PathConfig::default().error_handler(path_error))
@@ -178,37 +179,6 @@ pub fn configure_routes(config: &mut web::ServiceConfig) {
                 ),
         )
         .default_service(web::to(routes::health::not_found));
-}
-
-fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
-    let api_error = match &error {
-        JsonPayloadError::Overflow { limit }
-        | JsonPayloadError::OverflowKnownLength { limit, .. } => ApiError::new(
-            actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the JSON body is larger than {limit} bytes"),
-        ),
-        JsonPayloadError::ContentType => ApiError::new(
-            actix_web::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send the body with Content-Type: application/json",
-        ),
-        JsonPayloadError::Deserialize(inner) if inner.is_data() => {
-            let message = inner.to_string();
-            let code = if message.starts_with("missing field") {
-                "missing_field"
-            } else {
-                "invalid_field"
-            };
-            ApiError::bad_request(code, message)
-        }
-        JsonPayloadError::Deserialize(inner) => ApiError::bad_request(
-            "malformed_json",
-            format!("the body is not valid JSON: {inner}"),
-        ),
-        other => ApiError::bad_request("unreadable_body", other.to_string()),
-    };
-    api_error.into()
 }
 
 fn query_error(error: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {

@@ -7,7 +7,10 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{web, ResponseError};
+use tracing::field::{Field, Visit};
 use tracing::Instrument;
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::error::envelope_for_status;
@@ -24,9 +27,55 @@ pub fn init(format: LogFormat) {
         .with_env_filter(filter)
         .with_target(false);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.finish().with(QuietClientStreamErrors).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .finish()
+            .with(QuietClientStreamErrors)
+            .try_init(),
     };
+}
+
+/// Where actix-http logs the connections it closes.
+const ACTIX_H1_DISPATCHER: &str = "actix_http::h1::dispatcher";
+
+/// Drops actix-http's `ERROR stream error: …` line: it is logged for every connection that
+/// actix-http closes after refusing a request it could not parse (a head over 128 KiB gets a
+/// 431, a NUL or a bare CR in a header a 400) or that the client broke off. That is the
+/// client's garbage, answered before the app sees the request, so it must not page anyone.
+/// actix-http also logs the parse error itself at TRACE under the same target, which
+/// `RUST_LOG=actix_http::h1::dispatcher=trace` shows; its other ERROR lines are kept.
+///
+/// Those refusals cannot get the JSON envelope or an `X-Request-Id`: actix-http 3 builds them in
+/// its HTTP/1 dispatcher (`src/h1/dispatcher.rs`: the 431 at `Err(ParseError::TooLarge)`, the
+/// 400 at the `Err(err)` arm after it, both queued as `DispatcherMessage::Error` and written by
+/// `send_error_response(res, BoxBody::new(()))`, an empty body) without calling the app's
+/// service, so no middleware runs, and neither `HttpServer` nor `HttpServiceBuilder` offers a
+/// hook for those responses.
+struct QuietClientStreamErrors;
+
+impl<S: tracing::Subscriber> Layer<S> for QuietClientStreamErrors {
+    fn event_enabled(&self, event: &tracing::Event<'_>, _: Context<'_, S>) -> bool {
+        let metadata = event.metadata();
+        if *metadata.level() != tracing::Level::ERROR || metadata.target() != ACTIX_H1_DISPATCHER {
+            return true;
+        }
+        let mut message = EventMessage::default();
+        event.record(&mut message);
+        !message.0.starts_with("stream error")
+    }
+}
+
+/// The `message` field of an event, formatted.
+#[derive(Default)]
+struct EventMessage(String);
+
+impl Visit for EventMessage {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
 }
 
 /// Phone numbers in logs show their first three and last two digits only.
@@ -121,6 +170,40 @@ mod tests {
     fn phones_are_masked() {
         assert_eq!(mask_phone("16505551234"), "165******34");
         assert_eq!(mask_phone("123"), "***");
+    }
+
+    #[test]
+    fn actix_stream_errors_are_dropped_and_every_other_line_is_kept() {
+        use std::sync::{Arc, Mutex};
+
+        struct Capture(Arc<Mutex<Vec<String>>>);
+        impl<S: tracing::Subscriber> Layer<S> for Capture {
+            fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+                let mut message = EventMessage::default();
+                event.record(&mut message);
+                self.0.lock().unwrap().push(message.0);
+            }
+        }
+
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::registry()
+            .with(QuietClientStreamErrors)
+            .with(Capture(seen.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let parse_error = "Parse error: invalid Header provided";
+            tracing::error!(target: "actix_http::h1::dispatcher", "stream error: {}", parse_error);
+            tracing::error!(target: "actix_http::h1::dispatcher", "Response payload stream error: x");
+            tracing::warn!(target: "actix_http::h1::dispatcher", "stream error: a warning");
+            tracing::error!(target: "ctwa_relay::store", "stream error: one of ours");
+        });
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                "Response payload stream error: x",
+                "stream error: a warning",
+                "stream error: one of ours",
+            ]
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::domain::account::{
 };
 use crate::domain::ids;
 use crate::error::ApiError;
+use crate::json_body::JsonBody;
 use crate::routes::{double_option, rfc3339};
 use crate::secret::Secret;
 use crate::startup::AppState;
@@ -159,7 +160,7 @@ async fn replay_held_changes(state: &AppState, phone_number_id: &str) -> Result<
 pub async fn create_account(
     state: web::Data<AppState>,
     caller: Caller,
-    body: web::Json<CreateAccountBody>,
+    body: JsonBody<CreateAccountBody>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
     let body = body.into_inner();
@@ -226,7 +227,7 @@ pub async fn update_account(
     state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<String>,
-    body: web::Json<UpdateAccountBody>,
+    body: JsonBody<UpdateAccountBody>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
     let mut account = caller.account(&state, &path)?;
@@ -317,7 +318,7 @@ impl From<&ApiKey> for KeyView {
 pub async fn create_key(
     state: web::Data<AppState>,
     caller: Caller,
-    body: web::Json<CreateKeyBody>,
+    body: JsonBody<CreateKeyBody>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
     let body = body.into_inner();

@@ -12,6 +12,7 @@ use crate::conversions::request::{validate, ConversionBody, Lookup};
 use crate::conversions::{record_and_deliver, result_body};
 use crate::domain::conversion::Currency;
 use crate::error::ApiError;
+use crate::json_body::JsonBody;
 use crate::routes::rfc3339;
 use crate::startup::AppState;
 use crate::store::{ConversionRecord, ConversionSource, NewConversion};
@@ -72,7 +73,7 @@ async fn attributed_conversation(
 pub async fn send(
     state: web::Data<AppState>,
     caller: Caller,
-    body: web::Json<ConversionBody>,
+    body: JsonBody<ConversionBody>,
 ) -> Result<HttpResponse, ApiError> {
     let request = validate(
         body.into_inner(),
@@ -260,7 +261,7 @@ fn meta_failure(error: crate::graph::GraphError) -> ApiError {
 pub async fn provision_dataset(
     state: web::Data<AppState>,
     caller: Caller,
-    body: web::Json<DatasetBody>,
+    body: JsonBody<DatasetBody>,
 ) -> Result<HttpResponse, ApiError> {
     let mut account = caller.account(&state, &body.account_id)?;
     let existing = state

@@ -12,6 +12,7 @@ mod conversions;
 mod dataset;
 mod durability;
 mod health;
+mod hostile;
 mod retention;
 mod webhook_handshake;
 mod webhook_samples;
