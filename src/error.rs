@@ -1,5 +1,9 @@
 //! One error type for the HTTP API and its JSON envelope: `{"error": "...", "code": "..."}`.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
@@ -126,7 +130,7 @@ impl From<StoreError> for ApiError {
                 Self::new(StatusCode::CONFLICT, "account_id_retired", message)
             }
             StoreError::Flush(_) | StoreError::Sled(_) | StoreError::TaskGone => {
-                tracing::error!(error = %error_chain(&error), "store unavailable");
+                log_store_failure(&error, "store unavailable");
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store_unavailable",
@@ -135,6 +139,85 @@ impl From<StoreError> for ApiError {
             }
             other => Self::internal(&other),
         }
+    }
+}
+
+/// Store failures repeat once per request while a disk is full; each distinct one is logged at
+/// most once per [`STORE_FAILURE_LOG_INTERVAL`].
+static STORE_FAILURE_LOG: LogLimiter = LogLimiter::new(STORE_FAILURE_LOG_INTERVAL);
+
+const STORE_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Logs a store failure at ERROR, at most once per interval for identical failures, with the
+/// number of identical ones left out since the last line.
+pub fn log_store_failure(error: &(dyn std::error::Error + 'static), what: &'static str) {
+    let chain = error_chain(error);
+    if let Some(suppressed) = STORE_FAILURE_LOG.admit(what, &chain, Instant::now()) {
+        tracing::error!(
+            error = %chain,
+            suppressed,
+            "{what} (identical failures are logged once per {} s; `suppressed` counts those left out)",
+            STORE_FAILURE_LOG_INTERVAL.as_secs()
+        );
+    }
+}
+
+/// Lets an identical log line through at most once per interval and counts the ones it held back.
+pub struct LogLimiter {
+    interval: Duration,
+    seen: Mutex<BTreeMap<(&'static str, String), Window>>,
+}
+
+struct Window {
+    logged_at: Instant,
+    suppressed: u64,
+}
+
+/// Distinct messages remembered at most; the oldest are forgotten beyond it.
+const LOG_LIMITER_CAPACITY: usize = 64;
+
+impl LogLimiter {
+    pub const fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            seen: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// `Some(held back since the last line)` when the line for (`what`, `detail`) should be
+    /// logged at `now`, `None` when it is held back and counted.
+    pub fn admit(&self, what: &'static str, detail: &str, now: Instant) -> Option<u64> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (what, detail.to_string());
+        if let Some(window) = seen.get_mut(&key) {
+            if now.saturating_duration_since(window.logged_at) < self.interval {
+                window.suppressed += 1;
+                return None;
+            }
+            let suppressed = window.suppressed;
+            *window = Window {
+                logged_at: now,
+                suppressed: 0,
+            };
+            return Some(suppressed);
+        }
+        if seen.len() >= LOG_LIMITER_CAPACITY {
+            let oldest = seen
+                .iter()
+                .min_by_key(|(_, window)| window.logged_at)
+                .map(|(key, _)| key.clone());
+            if let Some(oldest) = oldest {
+                seen.remove(&oldest);
+            }
+        }
+        seen.insert(
+            key,
+            Window {
+                logged_at: now,
+                suppressed: 0,
+            },
+        );
+        Some(0)
     }
 }
 
@@ -166,4 +249,58 @@ pub fn envelope_for_status(status: StatusCode, detail: Option<String>) -> ApiErr
         _ => message,
     };
     ApiError::new(status, code, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_identical_line_passes_once_per_interval_with_the_count_held_back() {
+        let limiter = LogLimiter::new(Duration::from_secs(10));
+        let start = Instant::now();
+        assert_eq!(limiter.admit("store", "disk full", start), Some(0));
+        for second in 1..10 {
+            let now = start + Duration::from_secs(second);
+            assert_eq!(limiter.admit("store", "disk full", now), None);
+        }
+        assert_eq!(
+            limiter.admit("store", "disk full", start + Duration::from_secs(10)),
+            Some(9)
+        );
+        assert_eq!(
+            limiter.admit("store", "disk full", start + Duration::from_secs(11)),
+            None
+        );
+        assert_eq!(
+            limiter.admit("store", "disk full", start + Duration::from_secs(25)),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn different_lines_are_limited_separately() {
+        let limiter = LogLimiter::new(Duration::from_secs(10));
+        let now = Instant::now();
+        assert_eq!(limiter.admit("store", "disk full", now), Some(0));
+        assert_eq!(limiter.admit("store", "read-only", now), Some(0));
+        assert_eq!(limiter.admit("readiness", "disk full", now), Some(0));
+        assert_eq!(limiter.admit("store", "disk full", now), None);
+        assert_eq!(limiter.admit("store", "read-only", now), None);
+    }
+
+    #[test]
+    fn the_limiter_forgets_the_oldest_line_beyond_its_capacity() {
+        let limiter = LogLimiter::new(Duration::from_secs(10));
+        let start = Instant::now();
+        for index in 0..=LOG_LIMITER_CAPACITY as u64 {
+            let now = start + Duration::from_millis(index);
+            assert_eq!(limiter.admit("store", &index.to_string(), now), Some(0));
+        }
+        assert_eq!(limiter.seen.lock().unwrap().len(), LOG_LIMITER_CAPACITY);
+        // The first line was forgotten, so it passes again at once; the latest is still held.
+        assert_eq!(limiter.admit("store", "0", start), Some(0));
+        let latest = LOG_LIMITER_CAPACITY.to_string();
+        assert_eq!(limiter.admit("store", &latest, start), None);
+    }
 }

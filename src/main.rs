@@ -1,3 +1,5 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 
 use ctwa_relay::cli::{self, Cli, Command};
@@ -5,12 +7,21 @@ use ctwa_relay::settings::Settings;
 use ctwa_relay::startup::Application;
 use ctwa_relay::telemetry;
 
+/// A fatal error is printed once, with its causes on one line and no backtrace, and the process
+/// exits 1.
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let outcome = match cli.command {
         None | Some(Command::Serve) => serve(cli.config).await,
         Some(command) => cli::run_admin(command).await,
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("Error: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -27,6 +27,9 @@ pub const DEFAULT_EVENT_NAMES: [&str; 14] = [
     "ReviewProvided",
 ];
 
+/// The largest `CTWA_MIN_FREE_MB` accepted; a bigger value is almost surely bytes, not MiB.
+const MAX_MIN_FREE_MB: u64 = 1024 * 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -68,6 +71,10 @@ pub struct Settings {
     /// Journaled webhook bodies older than this are deleted (bodies still held for an unknown
     /// number are kept); `None` keeps them forever.
     pub journal_retention_days: Option<u32>,
+    /// The store refuses to open when the data dir's file system has less free space than this
+    /// (MiB): sled writes a snapshot while it opens, and a partial one leaves it unopenable.
+    /// 0 turns the check off.
+    pub min_free_mb: u64,
 }
 
 impl Default for Settings {
@@ -96,6 +103,7 @@ impl Default for Settings {
             outbox_backoff_max: Duration::from_secs(3600),
             unknown_resend_after: Duration::from_secs(300),
             journal_retention_days: Some(30),
+            min_free_mb: 64,
         }
     }
 }
@@ -137,6 +145,7 @@ struct FileSettings {
     outbox_backoff_base_ms: Option<u64>,
     outbox_backoff_max_ms: Option<u64>,
     journal_retention_days: Option<u32>,
+    min_free_mb: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,6 +269,9 @@ impl Settings {
         if let Some(value) = file.journal_retention_days {
             self.journal_retention_days = Some(value).filter(|days| *days > 0);
         }
+        if let Some(value) = file.min_free_mb {
+            self.min_free_mb = value;
+        }
         Ok(())
     }
 
@@ -326,6 +338,9 @@ impl Settings {
         if let Some(value) = env("CTWA_JOURNAL_RETENTION_DAYS") {
             let days: u32 = parse_number("CTWA_JOURNAL_RETENTION_DAYS", &value)?;
             self.journal_retention_days = Some(days).filter(|days| *days > 0);
+        }
+        if let Some(value) = env("CTWA_MIN_FREE_MB") {
+            self.min_free_mb = parse_number("CTWA_MIN_FREE_MB", &value)?;
         }
         if let Some(value) = env("CTWA_OUTBOX_BACKOFF_MAX_MS") {
             self.outbox_backoff_max =
@@ -431,7 +446,21 @@ impl Settings {
                     .into(),
             });
         }
+        if self.min_free_mb > MAX_MIN_FREE_MB {
+            return Err(SettingsError::Invalid {
+                key: "CTWA_MIN_FREE_MB",
+                message: format!(
+                    "is in MiB and must not exceed {MAX_MIN_FREE_MB} (1 TiB); got {}",
+                    self.min_free_mb
+                ),
+            });
+        }
         Ok(())
+    }
+
+    /// [`Settings::min_free_mb`] in bytes.
+    pub fn min_free_bytes(&self) -> u64 {
+        self.min_free_mb * 1024 * 1024
     }
 
     pub fn attribution_window_secs(&self) -> i64 {
@@ -524,6 +553,16 @@ mod tests {
     }
 
     #[test]
+    fn the_free_space_floor_is_64_mib_unless_set() {
+        let default = Settings::load_from(None, env_of(&[])).unwrap();
+        assert_eq!(default.min_free_mb, 64);
+        assert_eq!(default.min_free_bytes(), 64 * 1024 * 1024);
+        assert!(format!("{default:?}").contains("min_free_mb: 64"));
+        let off = Settings::load_from(None, env_of(&[("CTWA_MIN_FREE_MB", "0")])).unwrap();
+        assert_eq!(off.min_free_bytes(), 0);
+    }
+
+    #[test]
     fn zero_retention_keeps_the_journal_forever() {
         let settings =
             Settings::load_from(None, env_of(&[("CTWA_JOURNAL_RETENTION_DAYS", "0")])).unwrap();
@@ -573,6 +612,8 @@ mod tests {
             ("CTWA_ATTRIBUTION_WINDOW_DAYS", "seven"),
             ("CTWA_LOG_FORMAT", "yaml"),
             ("CTWA_EVENT_NAMES", " , "),
+            ("CTWA_MIN_FREE_MB", "64MB"),
+            ("CTWA_MIN_FREE_MB", "67108864"),
         ] {
             let error = Settings::load_from(None, env_of(&[(key, value)])).unwrap_err();
             assert!(error.to_string().contains(key), "{key}={value}: {error}");

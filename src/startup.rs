@@ -50,10 +50,13 @@ impl Application {
     /// Like [`Application::build`] with a chosen clock (tests move time forward with it).
     pub async fn build_with_clock(settings: Settings, clock: Clock) -> anyhow::Result<Self> {
         let data_dir = settings.data_dir.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
-            .await
-            .context("the store task panicked")?
-            .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
+        let min_free_bytes = settings.min_free_bytes();
+        let store = tokio::task::spawn_blocking(move || {
+            Store::open_with_free_space(&data_dir, min_free_bytes)
+        })
+        .await
+        .context("the store task panicked")?
+        .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
         let listener = TcpListener::bind(&settings.listen)
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let address = listener.local_addr()?;
@@ -110,6 +113,10 @@ impl Application {
 
     /// Serves until SIGTERM or SIGINT: actix drains in-flight requests, then background work is
     /// stopped and the store flushed one last time.
+    ///
+    /// A failed final flush (a full or read-only disk) is logged and the process still exits 0:
+    /// every request answered 2xx was flushed before its answer, so nothing acknowledged depends
+    /// on this flush, and a supervisor should not treat the stop as a crash.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let served = self.server.await;
         self.shutdown.cancel();
@@ -117,11 +124,25 @@ impl Application {
             tracing::error!(%error, "the outbox worker panicked");
         }
         let store = self.state.store.clone();
-        tokio::task::spawn_blocking(move || store.flush_blocking())
-            .await
-            .context("the final flush panicked")?
-            .context("the final flush failed")?;
-        tracing::info!("stopped; the store is flushed");
+        let flushed = tokio::task::spawn_blocking(move || store.flush_blocking()).await;
+        match flushed {
+            Ok(Ok(())) => tracing::info!("stopped; the store is flushed"),
+            Ok(Err(error)) => {
+                tracing::error!(
+                    error = %crate::error::error_chain(&error),
+                    "stopped; the final flush failed, but everything acknowledged was already \
+                     durable (each write is flushed before its answer), so nothing acknowledged \
+                     is lost"
+                );
+                // sled logs one more error per tree when a tree is dropped after a failed
+                // flush; nothing more can be saved, so the process ends without those drops.
+                std::mem::forget(self.state);
+            }
+            Err(error) => tracing::error!(
+                %error,
+                "stopped; the final flush panicked, but everything acknowledged was already durable"
+            ),
+        }
         served.context("the HTTP server failed")
     }
 }

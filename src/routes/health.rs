@@ -5,8 +5,21 @@ use serde_json::json;
 use crate::error::ApiError;
 use crate::startup::AppState;
 
-pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "ok"}))
+/// Alive unless the store failed a write or flush and a fresh probe still fails: sled 0.34 keeps
+/// an I/O error for good, so a supervisor restarting the process is the way back.
+pub async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    match state.store.check_alive().await {
+        Ok(()) => Ok(HttpResponse::Ok().json(json!({"status": "ok"}))),
+        Err(error) => {
+            crate::error::log_store_failure(&error, "liveness check failed: the store is failed");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_failed",
+                "the store failed to write or flush and still cannot; restart the process once the \
+                 disk is writable (the details are in the server log)",
+            ))
+        }
+    }
 }
 
 /// Ready when the store can take a write, make it durable and read it back.
@@ -14,7 +27,7 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
     match state.store.check_ready().await {
         Ok(()) => Ok(HttpResponse::Ok().json(json!({"status": "ready"}))),
         Err(error) => {
-            tracing::error!(error = %crate::error::error_chain(&error), "readiness check failed");
+            crate::error::log_store_failure(&error, "readiness check failed");
             Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",

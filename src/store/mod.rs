@@ -9,10 +9,12 @@
 mod accounts;
 mod conversions;
 mod ingest;
+mod open;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -22,12 +24,16 @@ pub use conversions::{
     Begin, ConversionFailure, ConversionRecord, ConversionSource, ConversionStatus, NewConversion,
 };
 pub use ingest::{IngestReport, UserRecord, WebhookParser};
+pub use open::MARKER_FILE;
 
 /// The on-disk layout this build reads and writes. Bump it with a migration when key encodings
 /// or record shapes change incompatibly.
 pub const LAYOUT_VERSION: u32 = 1;
 
 const LAYOUT_KEY: &[u8] = b"layout_version";
+
+/// How long `/healthz` waits for its probe of a failed store.
+const LIVENESS_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -43,6 +49,28 @@ pub enum StoreError {
     },
     #[error("flushing the store to disk failed: {0}")]
     Flush(String),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("the store in {path} cannot be opened safely: found {found}. ctwa-relay refuses to start rather than serve an empty or partial store. {recovery}")]
+    Damaged {
+        path: String,
+        found: String,
+        recovery: String,
+    },
+    #[error("{path} holds a store that this build does not read ({marker}); run the release that wrote it, or point CTWA_DATA_DIR at another directory")]
+    ForeignStore { path: String, marker: String },
+    #[error("{path} holds files that are not a ctwa-relay store ({entries}); point CTWA_DATA_DIR at an empty or new directory, or at an existing store")]
+    NotAStore { path: String, entries: String },
+    #[error("only {free_mib:.2} MiB is free on the file system of {path}, below CTWA_MIN_FREE_MB ({min_free_mb} MiB): sled writes a snapshot while it opens, and one cut short by a full disk leaves the store unopenable; free some space or grow the disk, then start again")]
+    LowDiskSpace {
+        path: String,
+        free_mib: f64,
+        min_free_mb: u64,
+    },
     #[error("the store's background task stopped")]
     TaskGone,
     #[error("{0}")]
@@ -50,6 +78,21 @@ pub enum StoreError {
     /// The id belonged to a deleted account: its data is kept under it, so it is never reused.
     #[error("{0}")]
     AccountIdRetired(String),
+}
+
+impl StoreError {
+    /// True for errors that mean the disk or sled refused to write, flush or read: the ones that
+    /// make the store "failed" until a probe succeeds. Conflicts and bad records are not.
+    pub fn is_store_failure(&self) -> bool {
+        match self {
+            StoreError::Sled(error) => matches!(
+                error,
+                sled::Error::Io(_) | sled::Error::Corruption { .. } | sled::Error::ReportableBug(_)
+            ),
+            StoreError::Flush(_) | StoreError::Io { .. } | StoreError::TaskGone => true,
+            _ => false,
+        }
+    }
 }
 
 /// One flusher thread that turns many "make my writes durable" requests into one `flush()`.
@@ -140,6 +183,9 @@ struct Inner {
     writer: Writer,
     caches: RwLock<Caches>,
     flusher: Flusher,
+    /// The last write or flush failure, kept until a readiness probe succeeds. sled 0.34 keeps an
+    /// I/O error for good, so once set this usually stays set until the process restarts.
+    failure: Mutex<Option<String>>,
 }
 
 /// The handle to the store; cheap to clone.
@@ -150,18 +196,34 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the store in `path`, checks its layout version and loads the caches.
+    /// Refuses a store that existed but cannot be read or reads as empty (see [`open`]).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(path).map_err(|error| {
-            StoreError::Flush(format!("cannot create {}: {error}", path.display()))
+        Self::open_with_free_space(path, 0)
+    }
+
+    /// Like [`Store::open`], and first refuses to start when the data dir's file system has less
+    /// than `min_free_bytes` available.
+    pub fn open_with_free_space(path: &Path, min_free_bytes: u64) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(path).map_err(|error| StoreError::Io {
+            context: format!("cannot create {}", path.display()),
+            error,
         })?;
-        let db = sled::Config::new().path(path).open()?;
+        let opened = open::open_checked(path, min_free_bytes)?;
+        let db = opened.db.clone();
         let meta = db.open_tree("meta")?;
         match meta.get(LAYOUT_KEY)? {
             None => {
+                if let Some(refusal) = opened.reads_as_empty(path) {
+                    return Err(refusal);
+                }
                 meta.insert(LAYOUT_KEY, LAYOUT_VERSION.to_string().as_bytes())?;
                 db.flush()?;
+                opened.make_existence_durable(path)?;
             }
-            Some(found) if found.as_ref() == LAYOUT_VERSION.to_string().as_bytes() => {}
+            Some(found) if found.as_ref() == LAYOUT_VERSION.to_string().as_bytes() => {
+                // Stores created before the marker existed get it now.
+                opened.make_existence_durable(path)?;
+            }
             Some(found) => {
                 return Err(StoreError::LayoutVersion {
                     path: path.display().to_string(),
@@ -202,6 +264,7 @@ impl Store {
                 writer,
                 caches: RwLock::new(caches),
                 flusher,
+                failure: Mutex::new(None),
             }),
         })
     }
@@ -213,9 +276,11 @@ impl Store {
         F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || work(&inner))
+        let outcome = tokio::task::spawn_blocking(move || work(&inner))
             .await
-            .map_err(|_| StoreError::TaskGone)?
+            .map_err(|_| StoreError::TaskGone)
+            .and_then(|outcome| outcome);
+        self.noted(outcome)
     }
 
     /// Runs a read-modify-write on the writer thread, after every one submitted before it.
@@ -229,32 +294,91 @@ impl Store {
         let job: WriteJob = Box::new(move || {
             let _ = reply.send(work(&inner));
         });
-        self.inner
-            .writer
-            .jobs
-            .send(job)
-            .map_err(|_| StoreError::TaskGone)?;
-        answer.await.map_err(|_| StoreError::TaskGone)?
+        let outcome = match self.inner.writer.jobs.send(job) {
+            Ok(()) => answer
+                .await
+                .map_err(|_| StoreError::TaskGone)
+                .and_then(|outcome| outcome),
+            Err(_) => Err(StoreError::TaskGone),
+        };
+        self.noted(outcome)
     }
 
     /// Returns once every write made before the call is on disk. Concurrent callers share one
     /// `flush()`.
     pub async fn durable(&self) -> Result<(), StoreError> {
         let (reply, done) = oneshot::channel();
-        self.inner
-            .flusher
-            .requests
-            .send(reply)
-            .map_err(|_| StoreError::TaskGone)?;
-        done.await
-            .map_err(|_| StoreError::TaskGone)?
-            .map_err(StoreError::Flush)
+        let outcome = match self.inner.flusher.requests.send(reply) {
+            Ok(()) => done
+                .await
+                .map_err(|_| StoreError::TaskGone)
+                .and_then(|flushed| flushed.map_err(StoreError::Flush)),
+            Err(_) => Err(StoreError::TaskGone),
+        };
+        self.noted(outcome)
     }
 
     /// A synchronous flush, for the very end of shutdown.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.inner.trees.db.flush()?;
-        Ok(())
+        let outcome = self
+            .inner
+            .trees
+            .db
+            .flush()
+            .map(|_| ())
+            .map_err(StoreError::from);
+        self.noted(outcome)
+    }
+
+    /// Remembers a failure that means the disk or sled refused a write or a flush.
+    fn noted<T>(&self, outcome: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(error) = &outcome {
+            if error.is_store_failure() {
+                let mut failure = self.inner.failure.lock().unwrap_or_else(|p| p.into_inner());
+                if failure.is_none() {
+                    let text = crate::error::error_chain(error);
+                    tracing::error!(
+                        error = %text,
+                        "the store failed; /healthz answers 503 until a write, flush and read \
+                         back succeed again"
+                    );
+                    *failure = Some(text);
+                }
+            }
+        }
+        outcome
+    }
+
+    /// The failure remembered since the last successful probe, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.inner
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Liveness: cheap while nothing has failed. After a write or flush failed, a fresh readiness
+    /// probe decides: success forgets the failure, another failure is returned.
+    pub async fn check_alive(&self) -> Result<(), StoreError> {
+        if self.failure().is_none() {
+            return Ok(());
+        }
+        let probe = tokio::time::timeout(LIVENESS_PROBE_TIMEOUT, self.check_ready()).await;
+        match probe {
+            Ok(Ok(())) => {
+                let mut failure = self.inner.failure.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(previous) = failure.take() {
+                    tracing::info!(previous = %previous, "the store works again");
+                }
+                Ok(())
+            }
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(StoreError::Flush(format!(
+                "the probe did not finish within {} s",
+                LIVENESS_PROBE_TIMEOUT.as_secs()
+            ))),
+        }
     }
 
     /// Readiness: a write, a durable flush and a read back.
@@ -347,6 +471,187 @@ mod tests {
             wait.await.unwrap().unwrap();
         }
         store.check_ready().await.unwrap();
+    }
+
+    /// sled releases its file lock from a background thread after a drop; retry while it does.
+    fn open_when_unlocked(path: &Path) -> Result<Store, StoreError> {
+        let mut outcome = Store::open(path);
+        for _ in 0..100 {
+            let locked = matches!(&outcome, Err(StoreError::Sled(sled::Error::Io(error)))
+                if error.to_string().contains("could not acquire lock"));
+            if !locked {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            outcome = Store::open(path);
+        }
+        outcome
+    }
+
+    async fn store_with_a_record(path: &Path) {
+        let store = Store::open(path).unwrap();
+        store
+            .run(|inner| {
+                inner.trees.users.insert(b"user", b"{}")?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        store.durable().await.unwrap();
+    }
+
+    fn refusal(outcome: Result<Store, StoreError>) -> String {
+        match outcome {
+            Ok(_) => panic!("the store opened"),
+            Err(error) => crate::error::error_chain(&error),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fresh_path_and_an_empty_directory_open_and_get_a_durable_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("new").join("store");
+        Store::open(&fresh).unwrap().check_ready().await.unwrap();
+        let marker = std::fs::read_to_string(fresh.join(MARKER_FILE)).unwrap();
+        assert!(marker.contains("\"engine\":\"sled-0.34\""), "{marker}");
+        let empty = tempfile::tempdir().unwrap();
+        Store::open(empty.path()).unwrap();
+        assert!(empty.path().join(MARKER_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn a_store_reopens_with_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_a_record(dir.path()).await;
+        let store = open_when_unlocked(dir.path()).unwrap();
+        let user = store
+            .run(|inner| Ok(inner.trees.users.get(b"user")?))
+            .await
+            .unwrap();
+        assert!(user.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_store_whose_conf_was_zeroed_is_refused_before_sled_rewrites_it() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_a_record(dir.path()).await;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::fs::write(dir.path().join("conf"), b"").unwrap();
+        let message = refusal(open_when_unlocked(dir.path()));
+        assert!(message.contains("cannot be opened safely"), "{message}");
+        assert!(message.contains("conf (0 bytes)"), "{message}");
+        assert!(
+            message.contains(&dir.path().display().to_string()),
+            "{message}"
+        );
+        assert!(message.contains("backup"), "{message}");
+        assert!(message.contains("move it aside"), "{message}");
+        // Nothing was rewritten: the evidence is left for a restore or salvage.
+        assert_eq!(std::fs::metadata(dir.path().join("conf")).unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn sled_files_without_a_marker_that_read_as_empty_are_refused() {
+        // A store from before the marker existed, whose log was lost: sled opens it empty.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.flush().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let message = refusal(open_when_unlocked(dir.path()));
+        assert!(
+            message.contains("sled opens them as an empty store"),
+            "{message}"
+        );
+        assert!(!dir.path().join(MARKER_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn a_marker_whose_store_reads_as_empty_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_a_record(dir.path()).await;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // The log is gone but sled's conf survived: sled would open an empty store.
+        std::fs::remove_file(dir.path().join("db")).unwrap();
+        let message = refusal(open_when_unlocked(dir.path()));
+        assert!(message.contains("the marker ctwa-store.json"), "{message}");
+        assert!(
+            message.contains("sled opens them as an empty store"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_snapshot_is_refused_as_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_a_record(dir.path()).await;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // The second open writes a snapshot.
+        drop(open_when_unlocked(dir.path()).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let snapshot = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .find(|path| {
+                path.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("snap.")
+            })
+            .expect("sled wrote a snapshot");
+        let mut bytes = std::fs::read(&snapshot).unwrap();
+        bytes[0] ^= 0xff;
+        std::fs::write(&snapshot, bytes).unwrap();
+        let message = refusal(open_when_unlocked(dir.path()));
+        assert!(message.contains("sled reports corrupted data"), "{message}");
+        assert!(message.contains("backup"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_directory_of_unrelated_files_is_not_made_into_a_store() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"not a store").unwrap();
+        let message = refusal(Store::open(dir.path()));
+        assert!(
+            message.contains("not a ctwa-relay store (notes.txt)"),
+            "{message}"
+        );
+        assert!(!dir.path().join("db").exists());
+    }
+
+    #[tokio::test]
+    async fn a_store_of_another_engine_is_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(MARKER_FILE),
+            "{\"engine\":\"fjall-2\",\"layoutVersion\":2}",
+        )
+        .unwrap();
+        let message = refusal(Store::open(dir.path()));
+        assert!(message.contains("does not read"), "{message}");
+        assert!(!dir.path().join("db").exists());
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_remembered_until_a_probe_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.check_alive().await.unwrap();
+        let failed: Result<(), StoreError> =
+            store.noted(Err(StoreError::Flush("disk full".into())));
+        assert!(failed.is_err());
+        assert_eq!(
+            store.failure().as_deref(),
+            Some("flushing the store to disk failed: disk full")
+        );
+        // Conflicts and corrupt records are not store failures.
+        let _ = store.noted::<()>(Err(StoreError::Conflict("taken".into())));
+        // The disk works again here, so the probe succeeds and the failure is forgotten.
+        store.check_alive().await.unwrap();
+        assert_eq!(store.failure(), None);
+        let _ = store.noted::<()>(Err(StoreError::Conflict("taken".into())));
+        assert_eq!(store.failure(), None);
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod durability;
 mod health;
 mod hostile;
 mod retention;
+mod store_safety;
 mod webhook_handshake;
 mod webhook_samples;
 mod webhook_signature;

@@ -30,6 +30,12 @@ pub struct RunningServer {
     output: Arc<Mutex<Vec<String>>>,
 }
 
+/// A server that did not start: how it ended (`None`: it hung and was killed) and its log.
+pub struct LaunchFailure {
+    pub status: Option<ExitStatus>,
+    pub log: String,
+}
+
 /// Sends SIGKILL to one server from anywhere (another task, a fake Graph API), without owning
 /// the [`RunningServer`]. Does nothing once the process has been waited for.
 #[derive(Clone)]
@@ -89,6 +95,26 @@ impl RunningServer {
     /// logs at info and no config file; `env` is applied last, so it overrides these. Returns
     /// once the server printed "listening on"; panics with its log if it does not.
     pub async fn launch(data_dir: &Path, env: &[(&str, String)]) -> RunningServer {
+        match RunningServer::try_launch(data_dir, env).await {
+            Ok(server) => server,
+            Err(LaunchFailure {
+                status: Some(status),
+                log,
+            }) => {
+                panic!("the server exited ({status}) before listening:\n{log}")
+            }
+            Err(LaunchFailure { status: None, log }) => {
+                panic!("the server did not listen within {START_TIMEOUT:?}:\n{log}")
+            }
+        }
+    }
+
+    /// [`RunningServer::launch`], for a start that may fail: the exit status and log of a server
+    /// that exited before listening, or (status `None`) of one killed after [`START_TIMEOUT`].
+    pub async fn try_launch(
+        data_dir: &Path,
+        env: &[(&str, String)],
+    ) -> Result<RunningServer, LaunchFailure> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ctwa-relay"));
         command
             .arg("serve")
@@ -131,15 +157,23 @@ impl RunningServer {
             None
         })
         .await;
-        match found {
-            Ok(Some(address)) => server.address = address,
-            Ok(None) => panic!("the server exited before listening:\n{}", server.log()),
-            Err(_) => panic!(
-                "the server did not listen within {START_TIMEOUT:?}:\n{}",
-                server.log()
-            ),
-        }
-        server
+        let status = match found {
+            Ok(Some(address)) => {
+                server.address = address;
+                return Ok(server);
+            }
+            Ok(None) => Some(server.wait_for_exit(EXIT_TIMEOUT).await),
+            Err(_) => {
+                server.kill_hard().await;
+                None
+            }
+        };
+        // Let the stderr reader take the last lines.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Err(LaunchFailure {
+            status,
+            log: server.log(),
+        })
     }
 
     /// Everything the process printed so far, stdout and stderr, without colours.

@@ -1,0 +1,349 @@
+//! The real binary over a damaged, nearly full or failing store (SPEC §3): it never starts empty
+//! over existing data, says what to do in one clean message, makes `/healthz` fail while the
+//! store is failed so a supervisor restarts it, and still exits 0 on SIGTERM.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::helpers::{messages_webhook, sign, APP_SECRET, VERIFY_TOKEN};
+
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The binary with test settings on `data_dir`; logs are captured, not shown.
+fn relay(data_dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ctwa-relay"));
+    command
+        .arg("serve")
+        .env_remove("CTWA_CONFIG")
+        .env("CTWA_DATA_DIR", data_dir)
+        .env("CTWA_LISTEN", "127.0.0.1:0")
+        .env("CTWA_APP_SECRETS", APP_SECRET)
+        .env("CTWA_VERIFY_TOKEN", VERIFY_TOKEN)
+        .env("CTWA_GRAPH_URL", "http://127.0.0.1:9")
+        .env("CTWA_WORKERS", "1")
+        .env("CTWA_LOG_FORMAT", "text")
+        .env("NO_COLOR", "1")
+        // A backtrace, if anything still printed one, would show up in the output.
+        .env("RUST_BACKTRACE", "1");
+    command
+}
+
+/// A child process whose stdout and stderr are collected line by line. Dropping it kills it.
+struct Relay {
+    child: Child,
+    output: Arc<Mutex<Vec<String>>>,
+}
+
+impl Relay {
+    fn spawn(mut command: Command) -> Relay {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        collect(child.stdout.take().unwrap(), Arc::clone(&output));
+        collect(child.stderr.take().unwrap(), Arc::clone(&output));
+        Relay { child, output }
+    }
+
+    fn output(&self) -> String {
+        self.output.lock().unwrap().join("\n")
+    }
+
+    /// The address from the "listening on http://…" line, once the server is up.
+    async fn address(&mut self) -> String {
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            let listening = self
+                .output
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|line| line.split("listening on http://").nth(1).map(str::to_owned));
+            if let Some(address) = listening {
+                return format!("http://{}", address.trim());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the server exited with {status:?}:\n{}", self.output());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not start:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_for_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the readers take the last lines.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server is still running:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn collect(stream: impl Read + Send + 'static, output: Arc<Mutex<Vec<String>>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            output.lock().unwrap().push(line);
+        }
+    });
+}
+
+/// Runs the binary once on `data_dir` so that it creates a store, and stops it.
+async fn create_store(data_dir: &Path) {
+    let mut relay = Relay::spawn(relay(data_dir));
+    let address = relay.address().await;
+    // Answering means the server runs, and so handles SIGTERM.
+    let ready = reqwest::get(format!("{address}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    relay.terminate();
+    let status = relay.wait_for_exit().await;
+    assert!(status.success(), "{status:?}:\n{}", relay.output());
+}
+
+/// The binary must refuse to start: a non-zero exit, `expected` in its output, one clean error
+/// and no panic or backtrace.
+async fn assert_refused(command: Command, expected: &[&str]) -> String {
+    let mut relay = Relay::spawn(command);
+    let status = relay.wait_for_exit().await;
+    let output = relay.output();
+    assert_eq!(status.code(), Some(1), "{output}");
+    for text in expected {
+        assert!(output.contains(text), "{text:?} missing from:\n{output}");
+    }
+    assert!(!output.contains("listening on"), "{output}");
+    assert!(!output.contains("panicked"), "{output}");
+    assert!(!output.contains("backtrace"), "{output}");
+    assert_eq!(output.matches("Error: ").count(), 1, "{output}");
+    output
+}
+
+#[tokio::test]
+async fn a_store_whose_conf_was_cut_to_zero_bytes_is_refused_not_started_empty() {
+    let data_dir = tempfile::tempdir().unwrap();
+    create_store(data_dir.path()).await;
+    // What a power cut did to sled's unsynced `conf` in the field.
+    std::fs::write(data_dir.path().join("conf"), b"").unwrap();
+
+    let shown = data_dir.path().display().to_string();
+    assert_refused(
+        relay(data_dir.path()),
+        &[
+            "cannot be opened safely",
+            &shown,
+            "conf (0 bytes)",
+            "refuses to start rather than serve an empty or partial store",
+            "Restore it from your latest backup",
+            "move it aside",
+        ],
+    )
+    .await;
+    // The refused store was left as it was, for a restore or salvage.
+    assert_eq!(
+        std::fs::metadata(data_dir.path().join("conf"))
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_store_that_sled_reads_as_empty_is_refused() {
+    let data_dir = tempfile::tempdir().unwrap();
+    create_store(data_dir.path()).await;
+    // The log is gone but `conf` and the marker survived: sled would open an empty store.
+    std::fs::remove_file(data_dir.path().join("db")).unwrap();
+
+    assert_refused(
+        relay(data_dir.path()),
+        &[
+            "the marker ctwa-store.json",
+            "sled opens them as an empty store",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_directory_of_other_files_is_not_turned_into_a_store() {
+    let data_dir = tempfile::tempdir().unwrap();
+    std::fs::write(data_dir.path().join("notes.txt"), b"not a store").unwrap();
+
+    assert_refused(
+        relay(data_dir.path()),
+        &["not a ctwa-relay store (notes.txt)", "CTWA_DATA_DIR"],
+    )
+    .await;
+    assert!(!data_dir.path().join("db").exists());
+}
+
+#[tokio::test]
+async fn too_little_free_space_is_refused_before_sled_writes_anything() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut command = relay(data_dir.path());
+    // 1 TiB: more than any test machine has free.
+    command.env("CTWA_MIN_FREE_MB", "1048576");
+
+    assert_refused(
+        command,
+        &[
+            "MiB is free on the file system of",
+            "CTWA_MIN_FREE_MB (1048576 MiB)",
+            "free some space or grow the disk",
+        ],
+    )
+    .await;
+    assert!(!data_dir.path().join("db").exists());
+}
+
+/// A signed webhook of about `size` bytes for a number without an account: journaled and held.
+fn large_webhook(index: usize, size: usize) -> Vec<u8> {
+    let mut body = messages_webhook(&[(&format!("wamid.FULL-{index:04}"), "15550001111", 1, None)]);
+    body["entry"][0]["changes"][0]["value"]["messages"][0]["text"]["body"] =
+        Value::String("x".repeat(size));
+    serde_json::to_vec(&body).unwrap()
+}
+
+/// A full disk, made without root: the file-size limit (`ulimit -f`, 512-byte blocks) stops
+/// sled's file growing, with SIGXFSZ ignored so that writes fail with EFBIG as on a full disk.
+#[tokio::test]
+async fn a_failed_store_fails_healthz_and_sigterm_still_exits_0() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let template = relay(data_dir.path());
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 4096 && exec \"$0\" serve")
+        .arg(template.get_program());
+    for (key, value) in template.get_envs() {
+        match value {
+            Some(value) => command.env(key, value),
+            None => command.env_remove(key),
+        };
+    }
+    let mut relay = Relay::spawn(command);
+    let address = relay.address().await;
+    let client = reqwest::Client::new();
+    let healthz = client
+        .get(format!("{address}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(healthz.status(), 200);
+
+    // Fill the allowed size: every webhook is answered 200 until one cannot be made durable.
+    let mut answers = Vec::new();
+    for index in 0..400 {
+        let body = large_webhook(index, 64 * 1024);
+        let status = client
+            .post(format!("{address}/webhooks/whatsapp"))
+            .header("Content-Type", "application/json")
+            .header("X-Hub-Signature-256", sign(&body))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        answers.push(status.as_u16());
+        if status != 200 {
+            break;
+        }
+    }
+    assert_eq!(
+        answers.last(),
+        Some(&503),
+        "the store never failed: {answers:?}"
+    );
+    // Many more failures, then the log is checked for repetition.
+    for index in 0..50 {
+        let body = large_webhook(1000 + index, 1024);
+        let status = client
+            .post(format!("{address}/webhooks/whatsapp"))
+            .header("Content-Type", "application/json")
+            .header("X-Hub-Signature-256", sign(&body))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 503);
+    }
+
+    // sled keeps the error for good: the liveness probe fails, so a supervisor restarts it.
+    for _ in 0..3 {
+        let healthz = client
+            .get(format!("{address}/healthz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(healthz.status(), 503);
+        let body: Value = healthz.json().await.unwrap();
+        assert_eq!(body["code"], "store_failed");
+        assert!(body["error"].as_str().unwrap().contains("restart"));
+    }
+    let ready = client
+        .get(format!("{address}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+
+    relay.terminate();
+    let status = relay.wait_for_exit().await;
+    let output = relay.output();
+    assert!(
+        status.success(),
+        "SIGTERM exit status {status:?}:\n{output}"
+    );
+    assert!(
+        output.contains("the final flush failed, but everything acknowledged was already durable"),
+        "{output}"
+    );
+    assert!(!output.contains("panicked"), "{output}");
+    assert!(!output.contains("backtrace"), "{output}");
+    assert!(!output.contains("Error: "), "{output}");
+    // 51 failed webhooks and 4 failed probes: each distinct failure is logged once per 10 s.
+    let repeated = output.matches("store unavailable").count();
+    assert!(
+        (1..=3).contains(&repeated),
+        "{repeated} store-unavailable lines:\n{output}"
+    );
+    assert!(
+        output.matches("liveness check failed").count() <= 2,
+        "{output}"
+    );
+}
