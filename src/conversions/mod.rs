@@ -13,11 +13,11 @@ use crate::attribution::AutomaticEvent;
 use crate::domain::account::Account;
 use crate::domain::conversion::MAX_EVENT_AGE_SECS;
 use crate::graph::{ErrorClass, EventsReceived, GraphError};
-use crate::startup::AppState;
 use crate::settings::Settings;
+use crate::startup::AppState;
 use crate::store::{
-    Begin, ConversionFailure, ConversionRecord, ConversionSource, ConversionStatus,
-    NewConversion, StoreError,
+    Begin, ConversionFailure, ConversionRecord, ConversionSource, ConversionStatus, NewConversion,
+    StoreError,
 };
 
 /// What one attempt to deliver led to.
@@ -174,7 +174,10 @@ pub fn interrupted(record: &mut ConversionRecord, now_ms: i64, settings: &Settin
 }
 
 /// Makes the record's in-flight mark durable, counting resends that may duplicate an event.
-pub async fn persist_attempt(state: &AppState, record: &ConversionRecord) -> Result<(), StoreError> {
+pub async fn persist_attempt(
+    state: &AppState,
+    record: &ConversionRecord,
+) -> Result<(), StoreError> {
     state.store.save_conversion(record.clone()).await?;
     state.store.durable().await?;
     if record.unknown_outcomes > 0 {
@@ -224,7 +227,12 @@ pub async fn record_and_deliver(
     let deadline = started + state.settings.delivery_budget;
     // While this request sends, the outbox leaves the record alone until the lease passes.
     let lease = state.settings.delivery_budget + state.graph.timeout() + Duration::from_secs(1);
-    start_attempt(&mut record, state.clock.now().timestamp_millis(), lease, false);
+    start_attempt(
+        &mut record,
+        state.clock.now().timestamp_millis(),
+        lease,
+        false,
+    );
     if let Begin::Existing(existing) = state.store.begin_conversion(record.clone()).await? {
         return Ok(Delivered {
             record: *existing,
@@ -245,7 +253,12 @@ pub async fn record_and_deliver(
             Attempt::Transient if Instant::now() + pause < deadline => {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
-                start_attempt(&mut record, state.clock.now().timestamp_millis(), lease, false);
+                start_attempt(
+                    &mut record,
+                    state.clock.now().timestamp_millis(),
+                    lease,
+                    false,
+                );
                 persist_attempt(state, &record).await?;
             }
             _ => break,

@@ -273,7 +273,11 @@ impl GraphClient {
                     error.without_url()
                 )))
             }
-            Err(_) => return Err(GraphError::Status { status: status.as_u16() }),
+            Err(_) => {
+                return Err(GraphError::Status {
+                    status: status.as_u16(),
+                })
+            }
         };
         if status.is_success() {
             return Ok((status, text));
