@@ -298,27 +298,31 @@ async fn weather(graph: Arc<FakeGraph>, stop: CancellationToken, seed: u64) {
     }
 }
 
-/// Runs `check` for every item on [`LOOKUP_WORKERS`] tasks; returns what the checks reported.
-async fn check_all<T, F, Fut>(items: Vec<T>, check: F) -> Vec<String>
+/// Runs `check(client, base, item)` for every item on [`LOOKUP_WORKERS`] tasks, with one
+/// keep-alive client; returns everything the checks returned.
+async fn check_all<T, R, F, Fut>(base: &str, items: Vec<T>, check: F) -> Vec<R>
 where
-    T: Send + Sync + 'static,
-    F: Fn(reqwest::Client, Arc<Vec<T>>, usize) -> Fut + Send + Sync + Copy + 'static,
-    Fut: std::future::Future<Output = Vec<String>> + Send,
+    T: Clone + Send + Sync + 'static,
+    R: Send + 'static,
+    F: Fn(reqwest::Client, Arc<str>, T) -> Fut + Send + Sync + Copy + 'static,
+    Fut: std::future::Future<Output = Vec<R>> + Send,
 {
     let items = Arc::new(items);
+    let base: Arc<str> = base.into();
     let next = Arc::new(AtomicU64::new(0));
     let client = relay::client();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..LOOKUP_WORKERS {
-        let (items, next, client) = (items.clone(), next.clone(), client.clone());
+        let (items, next, client, base) =
+            (items.clone(), next.clone(), client.clone(), base.clone());
         tasks.spawn(async move {
             let mut found = Vec::new();
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed) as usize;
-                if index >= items.len() {
+                let Some(item) = items.get(index) else {
                     return found;
-                }
-                found.extend(check(client.clone(), items.clone(), index).await);
+                };
+                found.extend(check(client.clone(), base.clone(), item.clone()).await);
             }
         });
     }
@@ -342,9 +346,20 @@ async fn lookup(client: &reqwest::Client, base: &str, phone: &str) -> Result<Vec
     Err(last)
 }
 
+#[derive(Clone)]
+struct AckedWebhook {
+    wamid: String,
+    phone: String,
+    ctwa_clid: Option<String>,
+}
+
 /// Why an acknowledged webhook is not stored as it should be, if it is not.
-fn webhook_problem(webhook: &(String, String, Option<String>), found: &[Value]) -> Option<String> {
-    let (wamid, phone, ctwa_clid) = webhook;
+fn webhook_problem(webhook: &AckedWebhook, found: &[Value]) -> Option<String> {
+    let AckedWebhook {
+        wamid,
+        phone,
+        ctwa_clid,
+    } = webhook;
     if found.is_empty() {
         return Some(format!("{wamid} (phone {phone}): no conversation"));
     }
@@ -363,44 +378,36 @@ fn webhook_problem(webhook: &(String, String, Option<String>), found: &[Value]) 
     }
 }
 
-/// Every conversion record of these phones, by event id, from the lookups' recent conversions.
+/// Every conversion record of these phones, by event id, from the lookups' recent
+/// conversions; and the lookups that failed.
 async fn records_of(base: &str, phones: Vec<String>) -> (HashMap<String, Value>, Vec<String>) {
-    let records = Arc::new(Mutex::new(HashMap::new()));
-    let base = Arc::new(base.to_string());
-    let errors = {
-        let records = records.clone();
-        check_all(
-            phones
-                .into_iter()
-                .map(|phone| (phone, base.clone(), records.clone()))
+    let found = check_all(base, phones, |client, base, phone: String| async move {
+        match lookup(&client, &base, &phone).await {
+            Ok(conversations) => conversations
+                .iter()
+                .flat_map(|conversation| {
+                    conversation["recentConversions"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .map(Ok)
                 .collect(),
-            |client,
-             items: Arc<Vec<(String, Arc<String>, Arc<Mutex<HashMap<String, Value>>>)>>,
-             index| async move {
-                let (phone, base, records) = &items[index];
-                match lookup(&client, base, phone).await {
-                    Ok(found) => {
-                        let mut records = records.lock().unwrap();
-                        for conversation in found {
-                            for item in conversation["recentConversions"]
-                                .as_array()
-                                .cloned()
-                                .unwrap_or_default()
-                            {
-                                let event_id =
-                                    item["eventId"].as_str().unwrap_or_default().to_string();
-                                records.insert(event_id, item);
-                            }
-                        }
-                        Vec::new()
-                    }
-                    Err(error) => vec![error],
-                }
-            },
-        )
-        .await
-    };
-    let records = std::mem::take(&mut *records.lock().unwrap());
+            Err(error) => vec![Err(error)],
+        }
+    })
+    .await;
+    let mut records = HashMap::new();
+    let mut errors = Vec::new();
+    for result in found {
+        match result {
+            Ok(item) => {
+                let event_id = item["eventId"].as_str().unwrap_or_default().to_string();
+                records.insert(event_id, item);
+            }
+            Err(error) => errors.push(error),
+        }
+    }
     (records, errors)
 }
 
@@ -526,34 +533,30 @@ async fn sigkill_torture_loses_nothing_and_never_double_sends_unflagged() {
     let (records, record_lookup_errors, drain_time) =
         drained(&server, &conversion_phones, Duration::from_secs(120)).await;
 
-    let acked_webhooks: Vec<(String, String, Option<String>)> = ledger
+    let checking = Instant::now();
+    let acked_webhooks: Vec<AckedWebhook> = ledger
         .webhooks
         .iter()
         .filter(|webhook| webhook.acked)
-        .map(|webhook| {
-            (
-                webhook.wamid.clone(),
-                webhook.phone.clone(),
-                webhook.ctwa_clid.clone(),
-            )
+        .map(|webhook| AckedWebhook {
+            wamid: webhook.wamid.clone(),
+            phone: webhook.phone.clone(),
+            ctwa_clid: webhook.ctwa_clid.clone(),
         })
         .collect();
     let acked_webhook_count = acked_webhooks.len();
-    let base = Arc::new(server.address.clone());
     let lost_webhooks = check_all(
-        acked_webhooks
-            .into_iter()
-            .map(|webhook| (webhook, base.clone()))
-            .collect(),
-        |client, items: Arc<Vec<((String, String, Option<String>), Arc<String>)>>, index| async move {
-            let (webhook, base) = &items[index];
-            match lookup(&client, base, &webhook.1).await {
-                Ok(found) => webhook_problem(webhook, &found).into_iter().collect(),
-                Err(error) => vec![format!("{} not checked: {error}", webhook.0)],
+        &server.address,
+        acked_webhooks,
+        |client, base, webhook: AckedWebhook| async move {
+            match lookup(&client, &base, &webhook.phone).await {
+                Ok(found) => webhook_problem(&webhook, &found).into_iter().collect(),
+                Err(error) => vec![format!("{} not checked: {error}", webhook.wamid)],
             }
         },
     )
     .await;
+    let check_time = checking.elapsed();
 
     // What Meta received, by event id: every reception, and those it took.
     let received = graph.received();
@@ -643,7 +646,7 @@ async fn sigkill_torture_loses_nothing_and_never_double_sends_unflagged() {
             "{cycles} SIGKILL cycles in {load:.0} s of load (seed {seed}; each cycle ran {min}–{max} ms before its kill; {kills_after_success} of the kills landed just after Meta accepted a conversion and before ctwa-relay could store it; slowest restart {slowest} ms), {ww} webhook and {cw} conversion clients, the fake Graph API switching every 150–600 ms between ok (45 %), down, slower than the {timeout} ms timeout, connection reset, truncated 200, non-JSON 200, events_received 0, 429/80004 and 500. \
              Webhooks: {posted} posted, {acked_w} answered 200, {lost_w} lost (other answers: {other_w:?}). \
              Conversions: {unique} event ids, {requests} requests of which {repeats} repeats ({dedup} answered deduplicated); {acked_c} acknowledged (200/202), {lost_c} lost; answers {answers:?}. \
-             After a last restart with Meta working, the outbox drained in {drain:.1} s; final statuses {statuses:?}; {stuck} still queued, {no_reason} failed/unknown without a reason. \
+             After a last restart with Meta working, the outbox drained in {drain:.1} s (records checked included) and the acknowledged webhooks were looked up in {check:.1} s; final statuses {statuses:?}; {stuck} still queued, {no_reason} failed/unknown without a reason. \
              Meta received {receptions} events ({by_mode:?}) and took {taken_total}; events it took twice: {flagged_twice} flagged possibleDuplicate, {unflagged} unflagged (must be 0); taken more than twice: {more}; records flagged possibleDuplicate: {flagged}; unknown: {unknown}; taken without a durable record: {no_record}; 'sent' but never taken: {not_taken}.",
             cycles = plan.cycles,
             load = load_time.as_secs_f64(),
@@ -665,6 +668,7 @@ async fn sigkill_torture_loses_nothing_and_never_double_sends_unflagged() {
             lost_c = lost_conversions.len(),
             answers = ledger.conversion_answers,
             drain = drain_time.as_secs_f64(),
+            check = check_time.as_secs_f64(),
             stuck = stuck.len(),
             no_reason = without_reason.len(),
             receptions = received.len(),
