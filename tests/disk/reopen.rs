@@ -120,6 +120,45 @@ pub fn reason(log: &str) -> String {
     }
 }
 
+/// The most repeated lines among `lines` (timestamps and varying values stripped), with counts:
+/// "6 800× ERROR webhook failed …".
+pub fn most_repeated(lines: &[&str], top: usize) -> String {
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for line in lines {
+        // Text logs start with an RFC 3339 timestamp; ids and numbers vary per line.
+        let rest = line.split_once(' ').map_or(*line, |(first, rest)| {
+            if first.contains('T') && first.ends_with('Z') {
+                rest
+            } else {
+                line
+            }
+        });
+        // Values that vary per line (ids, timings, statuses) become `…`.
+        let shape: String = rest
+            .split(' ')
+            .map(|word| match word.split_once('=') {
+                Some((key, value)) if value.chars().any(|c| c.is_ascii_digit()) => {
+                    format!("{key}=…")
+                }
+                _ => word.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+            .chars()
+            .take(160)
+            .collect();
+        *counts.entry(shape).or_default() += 1;
+    }
+    let mut counts: Vec<(String, usize)> = counts.into_iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    counts
+        .into_iter()
+        .take(top)
+        .map(|(shape, count)| format!("{count}× {shape}"))
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 /// Starts the server on `data_dir` and, if it starts, looks up every click of each group.
 pub async fn reopen(
     data_dir: &Path,
