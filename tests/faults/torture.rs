@@ -635,6 +635,19 @@ async fn sigkill_torture_loses_nothing_and_never_double_sends_unflagged() {
             ));
         }
     }
+    // The history endpoint agrees with the lookups on its newest 200 records.
+    let history = relay::history(&server).await;
+    let mut history_disagrees = Vec::new();
+    for item in &history {
+        let event_id = item["eventId"].as_str().unwrap_or_default();
+        let agrees = records.get(event_id).is_some_and(|record| {
+            record["status"] == item["status"]
+                && record["possibleDuplicate"] == item["possibleDuplicate"]
+        });
+        if !agrees {
+            history_disagrees.push(format!("{item} vs {:?}", records.get(event_id)));
+        }
+    }
     let acked_conversions = ledger.conversions.iter().filter(|c| c.acked).count();
     let repeats_deduplicated: u32 = ledger.conversions.iter().map(|c| c.deduplicated).sum();
     let webhooks_posted = ledger.webhooks.len();
@@ -703,6 +716,10 @@ async fn sigkill_torture_loses_nothing_and_never_double_sends_unflagged() {
         ),
         ("records 'sent' that Meta never took", &sent_but_not_taken),
         ("events sent to another dataset", &wrong_dataset),
+        (
+            "history items that disagree with the lookups",
+            &history_disagrees,
+        ),
     ] {
         if !problems.is_empty() {
             failures.push(format!("{what}: {}", examples(problems)));
