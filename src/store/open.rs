@@ -132,7 +132,9 @@ fn survey_before_open(path: &Path) -> Result<Survey, StoreError> {
             path,
             format!(
                 "{}, but sled's `conf` is missing or too short to read, so sled would start an \
-                 empty store over the old files",
+                 empty store over the old files (when only `conf` was lost, copying `conf` from a \
+                 new empty store made by this release into a copy of the directory may bring \
+                 the data back; ctwa-relay refuses again if it does not)",
                 survey.describe()
             ),
         )),
