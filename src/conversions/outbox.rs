@@ -26,7 +26,10 @@ pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
             _ = state.outbox_wakeup.notified() => {}
         }
         if let Err(error) = deliver_due(&state, &shutdown).await {
-            tracing::error!(error = %crate::error::error_chain(&error), "the outbox pass failed; retrying on the next poll");
+            crate::error::log_store_failure(
+                &error,
+                "the outbox pass failed; retrying on the next poll",
+            );
         }
         let now = state.clock.now_secs();
         if last_prune.is_none_or(|last| now - last >= PRUNE_EVERY_SECS) {
@@ -55,7 +58,7 @@ async fn prune_journal(state: &AppState, now: i64, shutdown: &CancellationToken)
                 }
             }
             Err(error) => {
-                tracing::error!(error = %crate::error::error_chain(&error), "pruning the webhook journal failed");
+                crate::error::log_store_failure(&error, "pruning the webhook journal failed");
                 break;
             }
         }
