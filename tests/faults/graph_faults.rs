@@ -379,3 +379,60 @@ async fn graph_rate_limit_and_server_error_are_retried_then_sent() {
     assert_eq!(received.len(), 4, "{received:?}");
     assert_eq!(taken, 1, "{received:?}");
 }
+
+/// An attempt whose outcome is unknown, then a guarded resend that Meta refuses: the record is
+/// `failed`, but Meta may still hold the first copy. A client retrying it must not get a fresh
+/// start that sends unflagged and earns another guarded resend: at most two copies can have
+/// reached Meta, and a second one is flagged `possibleDuplicate`. The retry meets Meta working,
+/// then (second event) Meta resetting again.
+#[tokio::test]
+#[ignore = "fault harness: run with .ci/faults (release build)"]
+async fn graph_retry_of_a_refused_resend_after_an_unknown_outcome_stays_flagged() {
+    let scene = scene(&settings(200, 1000)).await;
+    let mut report = Vec::new();
+    let mut problems = Vec::new();
+    for (event_id, retry_mode) in [
+        ("unknown-refused-then-ok", Mode::Ok),
+        ("unknown-refused-then-reset", Mode::Reset),
+    ] {
+        scene.graph.then(Mode::Reset);
+        scene.graph.then(Mode::ZeroReceived);
+        let (status, body) = scene.convert(event_id).await;
+        assert!(status == 200 || status == 202, "{status} {body}");
+        let refused = scene.settled(event_id, Duration::from_secs(8)).await;
+        assert_eq!(refused["status"], "failed", "{refused}");
+        // The client retries the failed event.
+        scene.graph.then(retry_mode);
+        let (retry_status, retry) = scene.convert(event_id).await;
+        tokio::time::sleep(Duration::from_millis(3 * UNKNOWN_RESEND_AFTER_MS + 1000)).await;
+        let item = history_item(&scene.server, event_id).await.unwrap();
+        let received = scene.graph.received_event(event_id);
+        let taken = received.iter().filter(|received| received.taken()).count();
+        report.push(format!(
+            "retry meeting {retry_mode:?}: after Reset then events_received 0 the record was {} possibleDuplicate {}; the retry was answered {retry_status} status {} deduplicated {}; Meta received {:?} ({taken} possibly taken); final status {} possibleDuplicate {} attempts {}",
+            refused["status"],
+            refused["possibleDuplicate"],
+            retry["status"],
+            retry["deduplicated"],
+            received.iter().map(|received| received.mode).collect::<Vec<_>>(),
+            item["status"],
+            item["possibleDuplicate"],
+            item["attempts"],
+        ));
+        if taken > 2 {
+            problems.push(format!(
+                "{event_id}: {taken} copies may have reached Meta: {item}"
+            ));
+        }
+        if taken == 2 && item["possibleDuplicate"] != true {
+            problems.push(format!(
+                "{event_id}: a second copy may have reached Meta, unflagged: {item}"
+            ));
+        }
+    }
+    summary(
+        "graph retry after an unknown outcome and a refusal",
+        &(report.join("; ") + "."),
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

@@ -100,6 +100,8 @@ struct Conversion {
     event_id: String,
     phone: String,
     requests: u32,
+    /// Each request: the cycle, when it started and ended (ms since the start), what it got.
+    log: Vec<String>,
     /// Answered 200 or 202 at least once.
     acked: bool,
     deduplicated: u32,
@@ -202,6 +204,7 @@ fn next_conversion(ledger: &mut Ledger, rng: &mut StdRng) -> Option<usize> {
             event_id: format!("ev-{index}"),
             phone,
             requests: 0,
+            log: Vec::new(),
             acked: false,
             deduplicated: 0,
         });
@@ -216,6 +219,7 @@ async fn conversion_worker(
     base: String,
     stop: CancellationToken,
     seed: u64,
+    (cycle, start): (usize, Instant),
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
     while !stop.is_cancelled() {
@@ -238,6 +242,7 @@ async fn conversion_worker(
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
+        let sent_at = start.elapsed().as_millis();
         let outcome = post_conversion(&client, &base, &request).await;
         {
             let mut ledger = ledger.lock().unwrap();
@@ -252,6 +257,15 @@ async fn conversion_worker(
                 Ok((status, body)) => format!("{status} {}", body["code"].as_str().unwrap_or("?")),
                 Err(_) => "no answer".to_string(),
             };
+            let entry = format!(
+                "cycle {cycle} {sent_at}–{} ms: {kind}{}",
+                start.elapsed().as_millis(),
+                match &outcome {
+                    Ok((_, body)) if body["deduplicated"] == true => " deduplicated",
+                    _ => "",
+                }
+            );
+            ledger.conversions[index].log.push(entry);
             *ledger.conversion_answers.entry(kind).or_default() += 1;
         }
         if outcome.is_err() {
@@ -462,7 +476,9 @@ async fn sigkill_torture_loses_nothing_and_never_double_sends_unflagged() {
     let mut kills_after_success = 0;
     let mut slowest_start = Duration::ZERO;
 
+    let mut cycle_starts = Vec::new();
     for cycle in 0..plan.cycles {
+        cycle_starts.push(started.elapsed());
         let starting = Instant::now();
         let mut server = relay::start(data_dir.path(), &graph, &settings()).await;
         slowest_start = slowest_start.max(starting.elapsed());
@@ -489,6 +505,7 @@ async fn sigkill_torture_loses_nothing_and_never_double_sends_unflagged() {
                 server.address.clone(),
                 stop.clone(),
                 seed ^ ((cycle as u64) << 16) ^ (100 + worker as u64),
+                (cycle, started),
             ));
         }
         load.spawn(weather(
@@ -515,6 +532,7 @@ async fn sigkill_torture_loses_nothing_and_never_double_sends_unflagged() {
     let load_time = started.elapsed();
 
     // Meta works again; the last process delivers what is left.
+    cycle_starts.push(started.elapsed());
     graph.clear();
     graph.set_mode(Mode::Ok);
     let server = relay::start(data_dir.path(), &graph, &settings()).await;
@@ -588,6 +606,31 @@ async fn sigkill_torture_loses_nothing_and_never_double_sends_unflagged() {
     let mut flagged = 0;
     let mut flagged_and_taken_twice = 0;
     let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
+    // What happened to one event, for the failure message: the client's requests, Meta's
+    // receptions, and the record.
+    let story = |conversion: &Conversion, record: &Value| {
+        let receptions: Vec<String> = received
+            .iter()
+            .filter(|reception| reception.event_id == conversion.event_id)
+            .map(|reception| {
+                let at = reception.at.duration_since(started);
+                let cycle = cycle_starts.partition_point(|start| *start <= at);
+                format!(
+                    "{:?} in cycle {} at {} ms",
+                    reception.mode,
+                    cycle as i64 - 1,
+                    at.as_millis()
+                )
+            })
+            .collect();
+        format!(
+            "{} {}: requests [{}]; Meta received [{}]; record {record}",
+            conversion.event_name,
+            conversion.event_id,
+            conversion.log.join(", "),
+            receptions.join(", ")
+        )
+    };
     for conversion in &ledger.conversions {
         let times_taken = taken
             .get(&(conversion.event_name, conversion.event_id.as_str()))
@@ -623,16 +666,10 @@ async fn sigkill_torture_loses_nothing_and_never_double_sends_unflagged() {
             flagged_and_taken_twice += 1;
         }
         if times_taken >= 2 && !possible_duplicate {
-            unflagged_duplicates.push(format!(
-                "{} taken {times_taken}×: {record}",
-                conversion.event_id
-            ));
+            unflagged_duplicates.push(story(conversion, record));
         }
         if times_taken > 2 {
-            more_than_twice.push(format!(
-                "{} taken {times_taken}×: {record}",
-                conversion.event_id
-            ));
+            more_than_twice.push(story(conversion, record));
         }
     }
     // The history endpoint agrees with the lookups on its newest 200 records.
