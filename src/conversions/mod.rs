@@ -233,13 +233,19 @@ pub async fn record_and_deliver(
         lease,
         false,
     );
-    if let Begin::Existing(existing) = state.store.begin_conversion(record.clone()).await? {
-        return Ok(Delivered {
-            record: *existing,
-            deduplicated: true,
-        });
-    }
+    let mut record = match state.store.begin_conversion(record).await? {
+        Begin::Existing(existing) => {
+            return Ok(Delivered {
+                record: *existing,
+                deduplicated: true,
+            })
+        }
+        Begin::Started(started) => *started,
+    };
     state.store.durable().await?;
+    if record.possible_duplicate {
+        state.metrics.possible_duplicate_sent();
+    }
     let mut pause = Duration::from_millis(100);
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -397,7 +403,7 @@ pub async fn forward_automatic_events(
             },
             now.timestamp_millis(),
         );
-        if let Begin::Started = state.store.begin_conversion(record).await? {
+        if let Begin::Started(_) = state.store.begin_conversion(record).await? {
             queued = true;
         }
     }

@@ -134,6 +134,16 @@ impl ConversionRecord {
         }
     }
 
+    /// A new try of an event whose earlier record failed or expired. Meta may still hold a copy
+    /// from an earlier attempt whose outcome was unknown, so the attempts, that count and the
+    /// `possibleDuplicate` flag carry over: the try is flagged, and one more unknown outcome
+    /// makes it `unknown` at once.
+    fn continue_from(&mut self, previous: &ConversionRecord) {
+        self.attempts += previous.attempts;
+        self.unknown_outcomes = previous.unknown_outcomes;
+        self.possible_duplicate = previous.possible_duplicate || previous.unknown_outcomes > 0;
+    }
+
     fn record_key(&self) -> Vec<u8> {
         key(&[&self.account_id, &self.event_name, &self.event_id])
     }
@@ -141,8 +151,9 @@ impl ConversionRecord {
 
 /// What [`Store::begin_conversion`] found.
 pub enum Begin {
-    /// The record is stored as queued; the caller sends it.
-    Started,
+    /// The record is stored as queued (continuing a failed or expired one with the same key);
+    /// the caller sends it.
+    Started(Box<ConversionRecord>),
     /// The same (account, event name, event id) is already sent, queued or of unknown outcome:
     /// nothing is sent.
     Existing(Box<ConversionRecord>),
@@ -233,7 +244,10 @@ impl Store {
     /// Records a conversion before it is sent, unless the same (account, event name, event id)
     /// is already sent, queued or of unknown outcome. A failed or expired one may be sent again.
     /// The caller makes the record durable before it sends.
-    pub async fn begin_conversion(&self, record: ConversionRecord) -> Result<Begin, StoreError> {
+    pub async fn begin_conversion(
+        &self,
+        mut record: ConversionRecord,
+    ) -> Result<Begin, StoreError> {
         self.write(move |inner| {
             let previous = get(&inner.trees, &record.record_key())?;
             if let Some(previous) = &previous {
@@ -243,9 +257,10 @@ impl Store {
                 ) {
                     return Ok(Begin::Existing(Box::new(previous.clone())));
                 }
+                record.continue_from(previous);
             }
             put(&inner.trees, &record, previous.as_ref())?;
-            Ok(Begin::Started)
+            Ok(Begin::Started(Box::new(record)))
         })
         .await
     }

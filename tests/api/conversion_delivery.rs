@@ -602,3 +602,51 @@ async fn a_success_that_cannot_be_read_is_unknown_and_never_sent_again() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     app.graph.verify().await;
 }
+
+#[tokio::test]
+async fn a_retry_after_a_refused_resend_stays_flagged_and_shares_the_unknown_budget() {
+    let (app, conversation_id) = app_with_click_using(|settings| {
+        settings.graph_timeout = Duration::from_millis(300);
+        settings.unknown_resend_after = Duration::from_millis(300);
+        short_budget(settings);
+    })
+    .await;
+    // The first answer is lost (Meta may hold that copy), the guarded resend is refused.
+    Mock::given(method("POST"))
+        .and(path(events_path()))
+        .respond_with(meta_success("LOST").set_delay(Duration::from_secs(2)))
+        .up_to_n_times(1)
+        .mount(&app.graph)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(events_path()))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"events_received": 0})))
+        .up_to_n_times(1)
+        .mount(&app.graph)
+        .await;
+    let response = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "refused-resend")).await;
+    assert_eq!(response.status(), 202);
+    wait_for_status(&app, "failed").await;
+    // The client tries again: the try goes out flagged, and its answer being lost as well makes
+    // the record unknown at once, so Meta never holds more than two copies.
+    Mock::given(method("POST"))
+        .and(path(events_path()))
+        .respond_with(meta_success("LOST-AGAIN").set_delay(Duration::from_secs(2)))
+        .mount(&app.graph)
+        .await;
+    let retry: Value = convert(&app, ADMIN_TOKEN, &lead(&conversation_id, "refused-resend"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(retry["possibleDuplicate"], true, "{retry}");
+    let history = wait_for_status(&app, "unknown").await;
+    let item = &history["events"][0];
+    assert_eq!(item["possibleDuplicate"], true);
+    assert_eq!(item["attempts"], 3);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        graph_calls(&app.graph.received_requests().await.unwrap()),
+        3
+    );
+}
