@@ -9,7 +9,9 @@ use tokio::time::Instant;
 use crate::load::{register_sample_account, server_env, status_of, Click, Load};
 use crate::reopen::{reopen, stop_gracefully, Tally, Verdict};
 use crate::server::RunningServer;
-use crate::{can_run, image, print_summary, Level, ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE};
+use crate::{
+    can_run, image, print_summary, Level, Violations, ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE,
+};
 
 const SMALL_MIB: u64 = 48;
 /// Log lines, beyond the one access line per failed request, that one full-disk episode of a few
@@ -39,6 +41,7 @@ async fn full_disk_during_webhook_load() {
     let (mut recovered_runs, mut healthz_503_runs, mut clean_exits) = (0, 0, 0);
     let (mut acked_total, mut acked_verified, mut lost_total) = (0, 0, 0);
     let mut log_line_counts = Vec::new();
+    let mut broken = Violations::default();
     let started = Instant::now();
     for run in 1..=runs {
         let image = image(SMALL_MIB, "");
@@ -123,28 +126,22 @@ async fn full_disk_during_webhook_load() {
         clean_exits += usize::from(clean_exit);
         log_line_counts.push(format!("{log_lines} ({access_lines} access lines of failed requests, {other_lines} others during the fault)"));
 
-        assert!(
-            recovered || healthz_after == 503,
-            "run {run}: after the space was freed the server neither took webhooks again nor failed /healthz (so no supervisor restarts it)"
-        );
-        assert!(clean_exit, "run {run}: SIGTERM after a full disk: {exit}");
-        assert!(
-            other_lines <= MAX_LOG_LINES,
-            "run {run}: {other_lines} log lines besides the access lines from the fill to SIGTERM; repeated errors must be rate-limited"
-        );
-        assert_ne!(
-            reopened.verdict,
-            Verdict::Empty,
-            "run {run}: {}",
-            reopened.line()
-        );
+        broken.check(recovered || healthz_after == 503, || {
+            format!("run {run}: after the space was freed the server neither took webhooks again nor failed /healthz (so no supervisor restarts it)")
+        });
+        broken.check(clean_exit, || {
+            format!("run {run}: SIGTERM after a full disk: {exit}")
+        });
+        broken.check(other_lines <= MAX_LOG_LINES, || {
+            format!("run {run}: {other_lines} log lines besides the access lines from the fill to SIGTERM; repeated errors must be rate-limited")
+        });
+        broken.check(reopened.verdict != Verdict::Empty, || {
+            format!("run {run}: {}", reopened.line())
+        });
         if ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE {
-            assert_eq!(
-                reopened.verdict,
-                Verdict::Kept,
-                "run {run}: {}",
-                reopened.line()
-            );
+            broken.check(reopened.verdict == Verdict::Kept, || {
+                format!("run {run}: {}", reopened.line())
+            });
         }
         drop(reopened);
     }
@@ -160,6 +157,7 @@ async fn full_disk_during_webhook_load() {
             started.elapsed().as_secs_f64(),
         ),
     );
+    broken.assert_none(TEST);
 }
 
 /// How a restart on a nearly full disk went, and how the store fared after the disk grew.
@@ -168,7 +166,7 @@ struct NearlyFull {
     after_growth: Verdict,
 }
 
-async fn nearly_full_once(run: usize, guard: bool) -> NearlyFull {
+async fn nearly_full_once(run: usize, guard: bool, broken: &mut Violations) -> NearlyFull {
     let min_free = if guard { "1" } else { "0" };
     let env = small_disk_env(min_free);
     let mut image = image(SMALL_MIB, "");
@@ -209,23 +207,17 @@ async fn nearly_full_once(run: usize, guard: bool) -> NearlyFull {
         after_growth.line()
     );
     if guard {
-        assert!(
+        broken.check(
             matches!(at_restart_verdict, Verdict::RefusedClearly | Verdict::Kept),
-            "run {run}: a restart with {free} bytes free must refuse clearly or keep everything: {at_restart_line}"
+            || format!("run {run}: a restart with {free} bytes free must refuse clearly or keep everything: {at_restart_line}"),
         );
-        assert_eq!(
-            after_growth.verdict,
-            Verdict::Kept,
-            "run {run}: after a refused start on a nearly full disk, growing the disk must be enough: {}",
-            after_growth.line()
-        );
+        broken.check(after_growth.verdict == Verdict::Kept, || {
+            format!("run {run}: after a start on a nearly full disk, growing the disk must be enough: {}", after_growth.line())
+        });
     } else if ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE {
-        assert_eq!(
-            after_growth.verdict,
-            Verdict::Kept,
-            "run {run}: {}",
-            after_growth.line()
-        );
+        broken.check(after_growth.verdict == Verdict::Kept, || {
+            format!("run {run}: {}", after_growth.line())
+        });
     }
     NearlyFull {
         at_restart: at_restart_verdict,
@@ -243,10 +235,11 @@ async fn nearly_full_disk_at_restart() {
     let runs = Level::from_env().pick(1, 3);
     let started = Instant::now();
     let mut paragraphs = Vec::new();
+    let mut broken = Violations::default();
     for guard in [true, false] {
         let (mut at_restart, mut after_growth) = (Tally::default(), Tally::default());
         for run in 1..=runs {
-            let outcome = nearly_full_once(run, guard).await;
+            let outcome = nearly_full_once(run, guard, &mut broken).await;
             at_restart.add(outcome.at_restart);
             after_growth.add(outcome.after_growth);
         }
@@ -270,4 +263,5 @@ async fn nearly_full_disk_at_restart() {
             started.elapsed().as_secs_f64()
         ),
     );
+    broken.assert_none(TEST);
 }

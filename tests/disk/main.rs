@@ -91,3 +91,28 @@ pub fn print_summary(test: &str, paragraph: &str) {
         Level::from_env().name()
     );
 }
+
+/// The promises a fault broke, gathered over every run so that the figures and the summary are
+/// printed before the test fails.
+#[derive(Default)]
+pub struct Violations(Vec<String>);
+
+impl Violations {
+    pub fn check(&mut self, kept: bool, promise: impl FnOnce() -> String) {
+        if !kept {
+            let promise = promise();
+            println!("BROKEN: {promise}");
+            self.0.push(promise);
+        }
+    }
+
+    /// Fails the test when any promise was broken.
+    pub fn assert_none(self, test: &str) {
+        assert!(
+            self.0.is_empty(),
+            "{test}: {} broken promise(s):\n{}",
+            self.0.len(),
+            self.0.join("\n")
+        );
+    }
+}

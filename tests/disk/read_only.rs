@@ -12,7 +12,9 @@ use crate::fs::describe_store;
 use crate::load::{register_sample_account, server_env, status_of, Load};
 use crate::reopen::{reopen, stop_gracefully, Tally, Verdict};
 use crate::server::RunningServer;
-use crate::{can_run, image, print_summary, Level, ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE};
+use crate::{
+    can_run, image, print_summary, Level, Violations, ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "disk fault harness: needs root and loop devices; run with .ci/disk"]
@@ -28,6 +30,7 @@ async fn read_only_file_system_mid_load() {
     let mut readyz_seen = Vec::new();
     let mut exits = Vec::new();
     let started = Instant::now();
+    let mut broken = Violations::default();
     for run in 1..=runs {
         let mut image = image(256, "errors=remount-ro");
         let data_dir = image.data_dir();
@@ -82,27 +85,22 @@ async fn read_only_file_system_mid_load() {
         readyz_seen.push(readyz);
         exits.push(exit);
 
-        assert_eq!(
-            false_after, 0,
-            "run {run}: webhooks answered 200 while the file system was read-only"
-        );
-        assert_eq!(
-            readyz, 503,
-            "run {run}: /readyz while the file system is read-only"
-        );
-        assert_ne!(
-            reopened.verdict,
-            Verdict::Empty,
-            "run {run}: started empty over an existing store: {}",
-            reopened.line()
-        );
-        if ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE {
-            assert_eq!(
-                reopened.verdict,
-                Verdict::Kept,
-                "run {run}: {}",
+        broken.check(false_after == 0, || {
+            format!("run {run}: {false_after} webhooks answered 200 while the file system was read-only")
+        });
+        broken.check(readyz == 503, || {
+            format!("run {run}: /readyz answered {readyz} while the file system was read-only")
+        });
+        broken.check(reopened.verdict != Verdict::Empty, || {
+            format!(
+                "run {run}: started empty over an existing store: {}",
                 reopened.line()
-            );
+            )
+        });
+        if ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE {
+            broken.check(reopened.verdict == Verdict::Kept, || {
+                format!("run {run}: {}", reopened.line())
+            });
         }
         drop(reopened);
     }
@@ -117,4 +115,5 @@ async fn read_only_file_system_mid_load() {
             started.elapsed().as_secs_f64(),
         ),
     );
+    broken.assert_none(TEST);
 }
