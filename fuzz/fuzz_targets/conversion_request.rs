@@ -70,7 +70,7 @@ fn keeps_the_rules(conversion: &ValidConversion, allowlist: &[String]) {
     let event_id = conversion.event_id.as_str();
     assert!((1..=256).contains(&event_id.chars().count()) && !event_id.contains('\0'));
     let event_time = conversion.event_time;
-    assert!(event_time >= NOW - MAX_EVENT_AGE_SECS && event_time <= NOW + MAX_FUTURE_SKEW_SECS);
+    assert!((NOW - MAX_EVENT_AGE_SECS..=NOW + MAX_FUTURE_SKEW_SECS).contains(&event_time));
     assert!(event_time < 10_000_000_000);
     match &conversion.lookup {
         Lookup::Conversation(id) => assert!(!id.trim().is_empty()),
