@@ -173,42 +173,56 @@ fn outbox_key(next_attempt_at_ms: i64, record_key: &[u8]) -> Vec<u8> {
 }
 
 /// Writes a record and keeps the indexes and the outbox in step with it.
+///
+/// The trees are written one after another, and a crash can keep any prefix of those writes, so
+/// the order matters: the new index and outbox entries first, then the record, then the removal
+/// of the previous record's entries. A crash can then leave only stale entries, which the readers
+/// recognise (their time no longer matches the record) and skip, never a queued record the outbox
+/// cannot find.
 fn put(
     trees: &Trees,
     record: &ConversionRecord,
     previous: Option<&ConversionRecord>,
 ) -> Result<(), StoreError> {
     let record_key = record.record_key();
-    if let Some(previous) = previous {
-        if let Some(at) = previous.next_attempt_at_ms {
-            trees.outbox.remove(outbox_key(at, &record_key))?;
-        }
-        if previous.created_at_ms != record.created_at_ms {
-            trees.conversion_history.remove(index_key(
-                &previous.account_id,
-                previous.created_at_ms,
-                &record_key,
-            ))?;
-            trees.conversion_by_conversation.remove(index_key(
-                &previous.conversation_id,
-                previous.created_at_ms,
-                &record_key,
-            ))?;
-        }
+    let history_key = index_key(&record.account_id, record.created_at_ms, &record_key);
+    let conversation_key = index_key(&record.conversation_id, record.created_at_ms, &record_key);
+    let outbox_entry = match (record.status, record.next_attempt_at_ms) {
+        (ConversionStatus::Queued, Some(at)) => Some(outbox_key(at, &record_key)),
+        _ => None,
+    };
+    trees
+        .conversion_history
+        .insert(history_key.as_slice(), record_key.as_slice())?;
+    trees
+        .conversion_by_conversation
+        .insert(conversation_key.as_slice(), record_key.as_slice())?;
+    if let Some(entry) = &outbox_entry {
+        trees.outbox.insert(entry.as_slice(), &[])?;
     }
     trees
         .conversion_records
         .insert(&record_key, encode(record)?)?;
-    trees.conversion_history.insert(
-        index_key(&record.account_id, record.created_at_ms, &record_key),
-        record_key.as_slice(),
-    )?;
-    trees.conversion_by_conversation.insert(
-        index_key(&record.conversation_id, record.created_at_ms, &record_key),
-        record_key.as_slice(),
-    )?;
-    if let (ConversionStatus::Queued, Some(at)) = (record.status, record.next_attempt_at_ms) {
-        trees.outbox.insert(outbox_key(at, &record_key), &[])?;
+    let Some(previous) = previous else {
+        return Ok(());
+    };
+    if let Some(at) = previous.next_attempt_at_ms {
+        let previous_entry = outbox_key(at, &record_key);
+        if outbox_entry.as_ref() != Some(&previous_entry) {
+            trees.outbox.remove(previous_entry)?;
+        }
+    }
+    if previous.created_at_ms != record.created_at_ms {
+        trees.conversion_history.remove(index_key(
+            &previous.account_id,
+            previous.created_at_ms,
+            &record_key,
+        ))?;
+        trees.conversion_by_conversation.remove(index_key(
+            &previous.conversation_id,
+            previous.created_at_ms,
+            &record_key,
+        ))?;
     }
     Ok(())
 }
@@ -228,13 +242,19 @@ fn newest_first(
     limit: usize,
 ) -> Result<Vec<ConversionRecord>, StoreError> {
     let mut records = Vec::new();
-    for item in index.scan_prefix(prefix(&[first])).rev() {
+    let start = prefix(&[first]);
+    for item in index.scan_prefix(&start).rev() {
         if records.len() >= limit {
             break;
         }
-        let (_, record_key) = item?;
-        if let Some(record) = get(trees, &record_key)? {
-            records.push(record);
+        let (entry, record_key) = item?;
+        let created_at_ms = entry
+            .get(start.len()..start.len() + 8)
+            .map(|ms| i64::from_be_bytes(ms.try_into().expect("eight bytes")));
+        match get(trees, &record_key)? {
+            // An entry left by a crash before the previous one's removal: not this record's.
+            Some(record) if Some(record.created_at_ms) == created_at_ms => records.push(record),
+            _ => {}
         }
     }
     Ok(records)
@@ -296,7 +316,12 @@ impl Store {
                     break;
                 }
                 match get(trees, &outbox_entry[8..])? {
-                    Some(record) if record.status == ConversionStatus::Queued => due.push(record),
+                    Some(record)
+                        if record.status == ConversionStatus::Queued
+                            && record.next_attempt_at_ms == Some(at) =>
+                    {
+                        due.push(record)
+                    }
                     // A stale entry (the record moved on): drop it.
                     _ => {
                         trees.outbox.remove(&outbox_entry)?;
@@ -344,5 +369,55 @@ impl Store {
             )
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(status: ConversionStatus, created_at_ms: i64, next: Option<i64>) -> ConversionRecord {
+        let mut record = ConversionRecord::queued(
+            NewConversion {
+                account_id: "acc".into(),
+                event_name: "Purchase".into(),
+                event_id: "e1".into(),
+                conversation_id: "conv".into(),
+                event_time: 0,
+                source: ConversionSource::Api,
+                dataset_id: "ds".into(),
+                request_body: Value::Null,
+                warnings: Vec::new(),
+            },
+            created_at_ms,
+        );
+        record.status = status;
+        record.next_attempt_at_ms = next;
+        record
+    }
+
+    /// What a crash between `put`'s writes can leave behind: the new entries and the record
+    /// written, the previous record's entries not yet removed.
+    #[tokio::test]
+    async fn entries_a_crash_left_behind_are_skipped_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with_free_space(dir.path(), 0).unwrap();
+        let previous = record(ConversionStatus::Failed, 1_000, Some(1_500));
+        let current = record(ConversionStatus::Queued, 2_000, Some(50_000));
+        let trees = &store.inner.trees;
+        put(trees, &previous, None).unwrap();
+        trees
+            .outbox
+            .insert(outbox_key(1_500, &previous.record_key()), &[])
+            .unwrap();
+        // The new write, cut off before the previous entries were removed.
+        put(trees, &current, None).unwrap();
+
+        assert!(store.due_conversions(10_000, 10).await.unwrap().is_empty());
+        assert_eq!(trees.outbox.len(), 1, "the stale outbox entry is dropped");
+        let due = store.due_conversions(60_000, 10).await.unwrap();
+        assert_eq!(due, vec![current.clone()]);
+        let history = store.conversion_history("acc".into(), 10).await.unwrap();
+        assert_eq!(history, vec![current]);
     }
 }
