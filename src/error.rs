@@ -129,7 +129,10 @@ impl From<StoreError> for ApiError {
             StoreError::AccountIdRetired(message) => {
                 Self::new(StatusCode::CONFLICT, "account_id_retired", message)
             }
-            StoreError::Flush(_) | StoreError::Sled(_) | StoreError::TaskGone => {
+            StoreError::Flush(_)
+            | StoreError::Sled(_)
+            | StoreError::Io { .. }
+            | StoreError::TaskGone => {
                 log_store_failure(&error, "store unavailable");
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,

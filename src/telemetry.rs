@@ -13,9 +13,13 @@ use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-use crate::error::envelope_for_status;
+use crate::error::{envelope_for_status, LogLimiter};
 use crate::settings::LogFormat;
 use crate::startup::AppState;
+
+const FAILED_REQUEST_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+static FAILED_REQUEST_LOG: LogLimiter = LogLimiter::new(FAILED_REQUEST_LOG_INTERVAL);
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -130,11 +134,19 @@ pub async fn request_context(
     }
     let _entered = span.enter();
     if status.is_server_error() {
-        tracing::warn!(
-            status = status.as_u16(),
-            elapsed_ms = elapsed.as_millis() as u64,
-            "request failed"
-        );
+        // A full disk fails every request the same way; one line per route and status per
+        // interval says as much as thousands.
+        let key = format!("{} {route}", status.as_u16());
+        if let Some(suppressed) = FAILED_REQUEST_LOG.admit("request failed", &key, Instant::now()) {
+            tracing::warn!(
+                status = status.as_u16(),
+                elapsed_ms = elapsed.as_millis() as u64,
+                route,
+                suppressed,
+                "request failed (logged once per {} s per route and status; `suppressed` counts the others)",
+                FAILED_REQUEST_LOG_INTERVAL.as_secs()
+            );
+        }
     } else {
         tracing::debug!(
             status = status.as_u16(),

@@ -346,4 +346,11 @@ async fn a_failed_store_fails_healthz_and_sigterm_still_exits_0() {
         output.matches("liveness check failed").count() <= 2,
         "{output}"
     );
+    // The failed requests' own lines too: one per route and status per 10 s.
+    let failed_requests = output.matches("request failed").count();
+    assert!(
+        (1..=4).contains(&failed_requests),
+        "{failed_requests} request-failed lines:
+{output}"
+    );
 }
