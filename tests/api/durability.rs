@@ -54,6 +54,30 @@ impl RunningServer {
         );
     }
 
+    /// The sample account's newest conversion once it has `status`, polled every 50 ms up to
+    /// `tries` times; `Null` if it never does.
+    async fn newest_conversion_once(&self, status: &str, tries: usize) -> Value {
+        for _ in 0..tries {
+            let history: Value = self
+                .client
+                .get(self.url(&format!(
+                    "/v1/whatsapp/conversions?accountId={SAMPLE_ACCOUNT_ID}"
+                )))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if history["events"][0]["status"] == status {
+                return history["events"][0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Value::Null
+    }
+
     /// Sends every body concurrently, signed, and checks each is answered exactly 200.
     async fn post_webhooks_concurrently(&self, bodies: Vec<Vec<u8>>) {
         let mut posts = tokio::task::JoinSet::new();
@@ -276,26 +300,7 @@ async fn a_queued_conversion_is_delivered_by_the_outbox_after_a_restart() {
         .mount(&graph)
         .await;
     let second = RunningServer::start_with(data_dir.path(), &env).await;
-    let mut delivered = Value::Null;
-    for _ in 0..200 {
-        let history: Value = second
-            .client
-            .get(second.url(&format!(
-                "/v1/whatsapp/conversions?accountId={SAMPLE_ACCOUNT_ID}"
-            )))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if history["events"][0]["status"] == "sent" {
-            delivered = history["events"][0].clone();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let delivered = second.newest_conversion_once("sent", 200).await;
     assert_eq!(delivered["traceId"], "AFTER-RESTART", "{}", second.log());
     assert_eq!(delivered["eventId"], "lead-during-outage");
     let sent: Value =
@@ -386,26 +391,7 @@ async fn a_conversion_cut_off_mid_send_is_kept_and_resent_once_flagged() {
         .await
         .unwrap();
     assert_eq!(retry["deduplicated"], true, "{retry}");
-    let mut settled = Value::Null;
-    for _ in 0..600 {
-        let history: Value = second
-            .client
-            .get(second.url(&format!(
-                "/v1/whatsapp/conversions?accountId={SAMPLE_ACCOUNT_ID}"
-            )))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if history["events"][0]["status"] == "sent" {
-            settled = history["events"][0].clone();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let settled = second.newest_conversion_once("sent", 600).await;
     assert_eq!(settled["traceId"], "AFTER-CUT", "{}", second.log());
     assert_eq!(settled["possibleDuplicate"], true);
     assert_eq!(settled["attempts"], 2);
