@@ -27,6 +27,11 @@ ENV CTWA_LISTEN=0.0.0.0:8080 \
     CTWA_LOG_FORMAT=json
 VOLUME ["/data"]
 EXPOSE 8080
+# /healthz answers 503 once a disk failure has broken the store (it stays broken until a
+# restart); the image has no curl, so bash's /dev/tcp asks. Swarm, Kubernetes or an autoheal
+# container restart an unhealthy one. Follows CTWA_LISTEN's port if you change it.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${CTWA_LISTEN##*:} && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '"]
 # actix drains requests on SIGTERM; the store is flushed before exit.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/ctwa-relay"]
