@@ -32,26 +32,17 @@ impl RunningServer {
     }
 
     async fn register_sample_account(&self) {
-        let response = self
-            .client
-            .post(self.url("/v1/admin/accounts"))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&json!({
+        self.create_account(
+            ADMIN_TOKEN,
+            &json!({
                 "id": SAMPLE_ACCOUNT_ID,
                 "phoneNumberId": SAMPLE_PHONE_NUMBER_ID,
                 "wabaId": SAMPLE_WABA_ID,
                 "accessToken": ACCESS_TOKEN,
                 "metadata": {"metaCapiDatasetId": SAMPLE_DATASET_ID}
-            }))
-            .send()
-            .await
-            .expect("the server answers");
-        assert_eq!(
-            response.status(),
-            201,
-            "registering the account:\n{}",
-            self.log()
-        );
+            }),
+        )
+        .await;
     }
 
     /// The sample account's newest conversion once it has `status`, polled every 50 ms up to

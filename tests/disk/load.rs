@@ -30,26 +30,18 @@ pub fn server_env() -> Vec<(&'static str, String)> {
 }
 
 pub async fn register_sample_account(server: &RunningServer) {
-    let response = server
-        .client
-        .post(server.url("/v1/admin/accounts"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({
-            "id": SAMPLE_ACCOUNT_ID,
-            "phoneNumberId": SAMPLE_PHONE_NUMBER_ID,
-            "wabaId": SAMPLE_WABA_ID,
-            "accessToken": ACCESS_TOKEN,
-            "metadata": {"metaCapiDatasetId": SAMPLE_DATASET_ID}
-        }))
-        .send()
-        .await
-        .expect("the server answers");
-    assert_eq!(
-        response.status(),
-        201,
-        "registering the account:\n{}",
-        server.log_tail(40)
-    );
+    server
+        .create_account(
+            ADMIN_TOKEN,
+            &json!({
+                "id": SAMPLE_ACCOUNT_ID,
+                "phoneNumberId": SAMPLE_PHONE_NUMBER_ID,
+                "wabaId": SAMPLE_WABA_ID,
+                "accessToken": ACCESS_TOKEN,
+                "metadata": {"metaCapiDatasetId": SAMPLE_DATASET_ID}
+            }),
+        )
+        .await;
 }
 
 /// One CTWA click, in its own conversation: a phone of its own.

@@ -49,26 +49,18 @@ pub fn client() -> reqwest::Client {
 }
 
 pub async fn register_account(server: &RunningServer) {
-    let response = server
-        .client
-        .post(server.url("/v1/admin/accounts"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({
-            "id": ACCOUNT_ID,
-            "phoneNumberId": PHONE_NUMBER_ID,
-            "wabaId": WABA_ID,
-            "accessToken": ACCESS_TOKEN,
-            "metadata": {"metaCapiDatasetId": DATASET_ID}
-        }))
-        .send()
-        .await
-        .expect("the server answers");
-    assert_eq!(
-        response.status(),
-        201,
-        "registering the account:\n{}",
-        server.log_tail(50)
-    );
+    server
+        .create_account(
+            ADMIN_TOKEN,
+            &json!({
+                "id": ACCOUNT_ID,
+                "phoneNumberId": PHONE_NUMBER_ID,
+                "wabaId": WABA_ID,
+                "accessToken": ACCESS_TOKEN,
+                "metadata": {"metaCapiDatasetId": DATASET_ID}
+            }),
+        )
+        .await;
 }
 
 pub fn sign(body: &[u8]) -> String {

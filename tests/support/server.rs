@@ -177,6 +177,24 @@ impl RunningServer {
     }
 
     /// Everything the process printed so far, stdout and stderr, without colours.
+    /// Creates an account through the admin API and checks that the answer is 201.
+    pub async fn create_account(&self, admin_token: &str, account: &serde_json::Value) {
+        let response = self
+            .client
+            .post(self.url("/v1/admin/accounts"))
+            .bearer_auth(admin_token)
+            .json(account)
+            .send()
+            .await
+            .expect("the server answers");
+        assert_eq!(
+            response.status(),
+            201,
+            "creating the account:\n{}",
+            self.log_tail(50)
+        );
+    }
+
     pub fn log(&self) -> String {
         self.output.lock().unwrap().join("\n")
     }
