@@ -487,6 +487,9 @@ mod tests {
         #[test]
         fn groups_follow_the_document(document in webhook()) {
             let raw = serde_json::to_vec(&document).unwrap();
+            // The expectations are read from the bytes the parser reads: serde_json does not
+            // round-trip every f64 exactly (4.0207418936572845e-159 reads back one unit lower).
+            let document: Value = serde_json::from_slice(&raw).unwrap();
             let groups = parse_webhook(&raw, RECEIVED_AT).expect("a webhook-shaped body");
             let changes: Vec<(&Value, String)> = document["entry"]
                 .as_array()
