@@ -1,44 +1,68 @@
 //! Who is calling: the admin token or a scoped API key, read from `Authorization: Bearer`.
+//!
+//! The extractor needs the [`Gate`] (the store and the admin token) registered as app data; the
+//! [`Caller`] it yields resolves accounts itself, within its scope.
 
 use std::future::{ready, Ready};
 
 use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
 
 use crate::domain::account::{hash_api_key, Account, ApiKey};
-use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::error::{ApiError, Code};
+use crate::secret::Secret;
+use crate::store::Store;
+
+/// What authentication checks a presented token against.
+pub struct Gate {
+    pub store: Store,
+    pub admin_token: Option<Secret>,
+}
 
 #[derive(Debug, Clone)]
-pub enum Caller {
+pub enum Scope {
     Admin,
     Key(ApiKey),
 }
 
+/// An authenticated caller, with the store to resolve the accounts it may see.
+#[derive(Clone)]
+pub struct Caller {
+    scope: Scope,
+    store: Store,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller").field("scope", &self.scope).finish()
+    }
+}
+
 impl Caller {
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
     pub fn require_admin(&self) -> Result<(), ApiError> {
-        match self {
-            Caller::Admin => Ok(()),
-            Caller::Key(_) => Err(ApiError::forbidden(
-                "this route needs the admin token; API keys cannot use it",
-            )),
+        match self.scope {
+            Scope::Admin => Ok(()),
+            Scope::Key(_) => Err(ApiError::new(Code::Forbidden)),
         }
     }
 
     pub fn can_see(&self, account_id: &str) -> bool {
-        match self {
-            Caller::Admin => true,
-            Caller::Key(key) => key.can_see(account_id),
+        match &self.scope {
+            Scope::Admin => true,
+            Scope::Key(key) => key.can_see(account_id),
         }
     }
 
     /// The account, if it exists and is in this caller's scope; otherwise 404 either way, so a
     /// key never learns whether an account outside its scope exists.
-    pub fn account(&self, state: &AppState, account_id: &str) -> Result<Account, ApiError> {
+    pub fn account(&self, account_id: &str) -> Result<Account, ApiError> {
         if !self.can_see(account_id) {
             return Err(ApiError::account_not_found(account_id));
         }
-        state
-            .store
+        self.store
             .account(account_id)
             .ok_or_else(|| ApiError::account_not_found(account_id))
     }
@@ -54,9 +78,9 @@ impl FromRequest for Caller {
 }
 
 fn identify(request: &HttpRequest) -> Result<Caller, ApiError> {
-    let state = request
-        .app_data::<web::Data<AppState>>()
-        .expect("AppState is registered");
+    let gate = request
+        .app_data::<web::Data<Gate>>()
+        .expect("the auth Gate is registered");
     let presented = request
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
@@ -69,15 +93,18 @@ fn identify(request: &HttpRequest) -> Result<Caller, ApiError> {
         .map(str::trim)
         .filter(|token| !token.is_empty())
         .ok_or_else(ApiError::unauthorized)?;
-    if let Some(admin_token) = &state.settings.admin_token {
+    let caller = |scope| Caller {
+        scope,
+        store: gate.store.clone(),
+    };
+    if let Some(admin_token) = &gate.admin_token {
         if admin_token.matches(presented) {
-            return Ok(Caller::Admin);
+            return Ok(caller(Scope::Admin));
         }
     }
     // Keys are looked up by their SHA-256: the secret itself is never compared or stored.
-    state
-        .store
+    gate.store
         .api_key_by_hash(&hash_api_key(presented))
-        .map(Caller::Key)
+        .map(|key| caller(Scope::Key(key)))
         .ok_or_else(ApiError::unauthorized)
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::conversions::outbox;
-use crate::error::ApiError;
+use crate::error::{ApiError, Code};
 use crate::graph::GraphClient;
 use crate::json_body;
 use crate::metrics::Metrics;
@@ -74,12 +74,17 @@ impl Application {
             graph,
             outbox_wakeup: tokio::sync::Notify::new(),
         });
+        let gate = web::Data::new(crate::auth::Gate {
+            store: state.store.clone(),
+            admin_token: state.settings.admin_token.clone(),
+        });
         let shutdown = CancellationToken::new();
         let outbox_worker = tokio::spawn(outbox::run(state.clone().into_inner(), shutdown.clone()));
         let server_state = state.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(server_state.clone())
+                .app_data(gate.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(api_body_limit)
@@ -203,9 +208,9 @@ pub fn configure_routes(config: &mut web::ServiceConfig) {
 }
 
 fn query_error(error: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
-    ApiError::bad_request("invalid_query", error.to_string()).into()
+    ApiError::new(Code::InvalidQuery).message(error.to_string()).into()
 }
 
 fn path_error(error: PathError, _: &HttpRequest) -> actix_web::Error {
-    ApiError::bad_request("invalid_path", error.to_string()).into()
+    ApiError::new(Code::InvalidPath).message(error.to_string()).into()
 }

@@ -274,6 +274,28 @@ impl Store {
         .await
     }
 
+    /// The conversations of the user this phone number names on the account; `None` when the
+    /// phone has no user there.
+    pub async fn phone_conversations(
+        &self,
+        account_id: String,
+        phone: String,
+    ) -> Result<Option<Vec<Conversation>>, StoreError> {
+        self.run(move |inner| {
+            let trees = &inner.trees;
+            let Some(user_key) = trees.phone_index.get(key(&[&phone, &account_id]))? else {
+                return Ok(None);
+            };
+            let user_key = String::from_utf8_lossy(&user_key).into_owned();
+            let Some(bytes) = trees.users.get(key(&[&account_id, &user_key]))? else {
+                return Ok(None);
+            };
+            let user: UserRecord = decode(&bytes)?;
+            load_conversations(trees, &user.conversation_ids).map(Some)
+        })
+        .await
+    }
+
     /// SPEC §5.2 rule 6: the phone's conversation on this account whose click-id attribution is
     /// the most recent. `Ok(None)` when the phone has conversations but none with a click id is
     /// told apart by the caller through [`Store::users_with_conversations`].
