@@ -13,12 +13,11 @@ use std::pin::Pin;
 
 use actix_web::dev::Payload;
 use actix_web::error::JsonPayloadError;
-use actix_web::http::StatusCode;
 use actix_web::{web, FromRequest, HttpRequest};
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Code};
 
 /// Arrays and objects a `/v1` body may open inside one another. The API's own bodies need 3.
 pub const MAX_JSON_NESTING: usize = 64;
@@ -51,13 +50,11 @@ impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
         Box::pin(async move {
             let raw = raw.await?.into_inner();
             if nesting_exceeds(raw.get().as_bytes(), MAX_JSON_NESTING) {
-                return Err(ApiError::bad_request(
-                    "too_deeply_nested",
-                    format!(
+                return Err(ApiError::new(Code::TooDeeplyNested)
+                    .message(format!(
                         "the JSON body nests arrays and objects more than {MAX_JSON_NESTING} levels deep; send a flatter body"
-                    ),
-                )
-                .into());
+                    ))
+                    .into());
             }
             serde_json::from_str(raw.get())
                 .map(JsonBody)
@@ -101,30 +98,24 @@ pub fn nesting_exceeds(json: &[u8], limit: usize) -> bool {
 pub fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
     let api_error = match &error {
         JsonPayloadError::Overflow { limit }
-        | JsonPayloadError::OverflowKnownLength { limit, .. } => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the JSON body is larger than {limit} bytes"),
-        ),
-        JsonPayloadError::ContentType => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send the body with Content-Type: application/json",
-        ),
+        | JsonPayloadError::OverflowKnownLength { limit, .. } => {
+            ApiError::new(Code::PayloadTooLarge)
+                .message(format!("the JSON body is larger than {limit} bytes"))
+        }
+        JsonPayloadError::ContentType => ApiError::new(Code::UnsupportedMediaType)
+            .message("send the body with Content-Type: application/json"),
         JsonPayloadError::Deserialize(inner) if inner.is_data() => {
             let message = inner.to_string();
             let code = if message.starts_with("missing field") {
-                "missing_field"
+                Code::MissingField
             } else {
-                "invalid_field"
+                Code::InvalidField
             };
-            ApiError::bad_request(code, message)
+            ApiError::new(code).message(message)
         }
-        JsonPayloadError::Deserialize(inner) => ApiError::bad_request(
-            "malformed_json",
-            format!("the body is not valid JSON: {inner}"),
-        ),
-        other => ApiError::bad_request("unreadable_body", other.to_string()),
+        JsonPayloadError::Deserialize(inner) => ApiError::new(Code::MalformedJson)
+            .message(format!("the body is not valid JSON: {inner}")),
+        other => ApiError::new(Code::UnreadableBody).message(other.to_string()),
     };
     api_error.into()
 }

@@ -49,8 +49,8 @@ fuzz_target!(|data: &[u8]| {
     let conversion = match validate(body, &allowlist, NOW) {
         Ok(conversion) => conversion,
         Err(error) => {
-            assert_eq!(error.status.as_u16(), 400, "{error:?}");
-            assert!(!error.code.is_empty() && !error.message.is_empty());
+            assert_eq!(error.status().as_u16(), 400, "{error:?}");
+            assert!(!error.code().as_str().is_empty() && !error.text().is_empty());
             return;
         }
     };

@@ -9,7 +9,7 @@ use crate::domain::conversion::{
     parse_event_time, parse_value, Currency, EventId, EventName, FieldError,
 };
 use crate::domain::phone::PhoneDigits;
-use crate::error::ApiError;
+use crate::error::{ApiError, Code};
 
 /// The request body, as Zernio names it. Unknown fields are ignored.
 #[derive(Debug, Deserialize)]
@@ -56,7 +56,7 @@ pub struct ValidConversion {
 }
 
 fn field_error(error: FieldError) -> ApiError {
-    ApiError::bad_request(error.code, error.message)
+    ApiError::new(error.code).message(error.message)
 }
 
 /// Applies SPEC §4.4 to a request body: `event_names` is the configured allowlist, `now_secs`
@@ -67,10 +67,7 @@ pub fn validate(
     now_secs: i64,
 ) -> Result<ValidConversion, ApiError> {
     if body.account_id.trim().is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid_account_id",
-            "accountId must not be empty",
-        ));
+        return Err(ApiError::new(Code::InvalidAccountId));
     }
     let event_name = EventName::parse(&body.event_name, event_names).map_err(field_error)?;
     let event_id = EventId::parse(&body.event_id).map_err(field_error)?;
@@ -79,15 +76,10 @@ pub fn validate(
         (Some(id), _) if !id.trim().is_empty() => Lookup::Conversation(id),
         (_, Some(phone)) if !phone.trim().is_empty() => {
             Lookup::Phone(PhoneDigits::parse(&phone).map_err(|message| {
-                ApiError::bad_request("invalid_phone", format!("phoneE164: {message}"))
+                ApiError::new(Code::InvalidPhone).message(format!("phoneE164: {message}"))
             })?)
         }
-        _ => {
-            return Err(ApiError::bad_request(
-                "missing_conversation",
-                "give conversationId (preferred) or phoneE164 to identify the conversation",
-            ))
-        }
+        _ => return Err(ApiError::new(Code::MissingConversation)),
     };
     let value = body
         .value
@@ -101,41 +93,25 @@ pub fn validate(
         .transpose()
         .map_err(field_error)?;
     if value.is_some() && currency.is_none() {
-        return Err(ApiError::bad_request(
-            "missing_currency",
-            "currency is required with value",
-        ));
+        return Err(ApiError::new(Code::MissingCurrency));
     }
     if event_name.as_str() == "Purchase" {
         if value.is_none() {
-            return Err(ApiError::bad_request(
-                "missing_value",
-                "Purchase events need value and currency",
-            ));
+            return Err(ApiError::new(Code::MissingValue));
         }
         if currency.is_none() {
-            return Err(ApiError::bad_request(
-                "missing_currency",
-                "Purchase events need value and currency",
-            ));
+            return Err(ApiError::new(Code::MissingCurrency)
+                .message("Purchase events need value and currency"));
         }
     }
     let content_ids = body.content_ids.unwrap_or_default();
     if content_ids.len() > 1000 || content_ids.iter().any(|id| id.is_empty() || id.len() > 256) {
-        return Err(ApiError::bad_request(
-            "invalid_content_ids",
-            "contentIds must hold at most 1000 non-empty ids of up to 256 characters",
-        ));
+        return Err(ApiError::new(Code::InvalidContentIds));
     }
     let email_hash = match body.email.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(email) if email.contains('@') || email.len() == 64 => Some(normalise_and_hash(email)),
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_email",
-                "email must be an e-mail address",
-            ))
-        }
+        Some(_) => return Err(ApiError::new(Code::InvalidEmail)),
     };
     let external_id_hash = match body.external_id.as_deref().map(str::trim) {
         None | Some("") => None,
@@ -208,7 +184,7 @@ mod tests {
                 NOW,
             )
             .unwrap_err();
-            assert_eq!(error.code, code, "{event_time}");
+            assert_eq!(error.code(), code, "{event_time}");
         }
     }
 
@@ -366,7 +342,7 @@ mod tests {
             let conversion = match result {
                 Ok(conversion) => conversion,
                 Err(error) => {
-                    prop_assert_eq!(error.status.as_u16(), 400);
+                    prop_assert_eq!(error.status().as_u16(), 400);
                     return Ok(());
                 }
             };

@@ -1,15 +1,17 @@
 //! The parts of a conversion request, parsed into types that cannot hold invalid values
 //! (SPEC §4.4). Each failure names its machine code and says what to fix.
 
+use crate::error::Code;
+
 /// A refused field: the `code` of the 400 answer and a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
-    pub code: &'static str,
+    pub code: Code,
     pub message: String,
 }
 
 impl FieldError {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: Code, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -31,7 +33,7 @@ impl EventName {
             _ => "",
         };
         Err(FieldError::new(
-            "invalid_event_name",
+            Code::InvalidEventName,
             format!(
                 "eventName {name:?} is not accepted for business messaging.{hint} Allowed: {}",
                 allowlist.join(", ")
@@ -53,7 +55,7 @@ impl EventId {
         let length = id.chars().count();
         if length == 0 || length > 256 || id.contains('\0') {
             return Err(FieldError::new(
-                "invalid_event_id",
+                Code::InvalidEventId,
                 "eventId must be 1-256 characters",
             ));
         }
@@ -76,20 +78,20 @@ pub fn parse_event_time(event_time: Option<i64>, now: i64) -> Result<i64, FieldE
     };
     if event_time >= 10_000_000_000 {
         return Err(FieldError::new(
-            "event_time_in_milliseconds",
+            Code::EventTimeInMilliseconds,
             format!("eventTime {event_time} looks like milliseconds; send unix seconds"),
         ));
     }
     // Saturating: an eventTime near i64::MIN must read as too old, not wrap into the future.
     if now.saturating_sub(event_time) > MAX_EVENT_AGE_SECS {
         return Err(FieldError::new(
-            "event_time_too_old",
+            Code::EventTimeTooOld,
             "eventTime is more than 7 days old; Meta rejects such events (and the whole request with them)",
         ));
     }
     if event_time.saturating_sub(now) > MAX_FUTURE_SKEW_SECS {
         return Err(FieldError::new(
-            "event_time_in_future",
+            Code::EventTimeInFuture,
             "eventTime is more than 5 minutes in the future; check the sender's clock",
         ));
     }
@@ -124,7 +126,7 @@ impl Currency {
             return Ok(Self(upper));
         }
         Err(FieldError::new(
-            "invalid_currency",
+            Code::InvalidCurrency,
             format!("currency {code:?} is not an ISO 4217 code such as USD, EUR or BRL"),
         ))
     }
@@ -140,7 +142,7 @@ pub fn parse_value(value: f64) -> Result<f64, FieldError> {
         return Ok(value);
     }
     Err(FieldError::new(
-        "invalid_value",
+        Code::InvalidValue,
         "value must be a finite number >= 0",
     ))
 }

@@ -8,7 +8,7 @@ use crate::domain::account::{
     generate_api_key_secret, hash_api_key, Account, AccountMetadata, ApiKey,
 };
 use crate::domain::ids;
-use crate::error::ApiError;
+use crate::error::{ApiError, Code};
 use crate::json_body::JsonBody;
 use crate::routes::{double_option, rfc3339};
 use crate::secret::Secret;
@@ -99,19 +99,16 @@ fn check_meta_id(field: &'static str, value: &str) -> Result<(), ApiError> {
     if ids::is_valid_meta_id(value) {
         return Ok(());
     }
-    Err(ApiError::bad_request(
-        "invalid_field",
-        format!("{field} must be Meta's numeric id (digits only), got {value:?}"),
-    ))
+    Err(ApiError::new(Code::InvalidField).message(format!(
+        "{field} must be Meta's numeric id (digits only), got {value:?}"
+    )))
 }
 
 fn check_access_token(token: &Secret) -> Result<(), ApiError> {
     let token = token.expose();
     if token.trim().is_empty() || token.len() > 4096 || token.chars().any(char::is_whitespace) {
-        return Err(ApiError::bad_request(
-            "invalid_field",
-            "accessToken must be a non-empty token without spaces",
-        ));
+        return Err(ApiError::new(Code::InvalidField)
+            .message("accessToken must be a non-empty token without spaces"));
     }
     Ok(())
 }
@@ -166,10 +163,8 @@ pub async fn create_account(
     let body = body.into_inner();
     let id = match body.id {
         Some(id) if !ids::is_valid_caller_id(&id) => {
-            return Err(ApiError::bad_request(
-                "invalid_field",
-                "id must be 1-64 characters of letters, digits, '_', '-' or '.'",
-            ))
+            return Err(ApiError::new(Code::InvalidField)
+                .message("id must be 1-64 characters of letters, digits, '_', '-' or '.'"))
         }
         Some(id) => id,
         None => ids::generate("acc"),
@@ -219,7 +214,7 @@ pub async fn get_account(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
-    let account = caller.account(&state, &path)?;
+    let account = caller.account(&path)?;
     Ok(HttpResponse::Ok().json(AccountView::from(&account)))
 }
 
@@ -230,7 +225,7 @@ pub async fn update_account(
     body: JsonBody<UpdateAccountBody>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
-    let mut account = caller.account(&state, &path)?;
+    let mut account = caller.account(&path)?;
     let body = body.into_inner();
     if let Some(name) = body.name {
         account.name = name.filter(|name| !name.trim().is_empty());
@@ -277,7 +272,7 @@ pub async fn delete_account(
         .delete_account(id.clone(), state.clock.now_secs())
         .await?
     else {
-        return Err(ApiError::not_found("account_not_found", "no such account"));
+        return Err(ApiError::new(Code::AccountNotFound).message("no such account"));
     };
     tracing::info!(
         account_id = %id,
@@ -324,26 +319,21 @@ pub async fn create_key(
     let body = body.into_inner();
     let name = body.name.trim().to_string();
     if name.is_empty() || name.len() > 200 {
-        return Err(ApiError::bad_request(
-            "invalid_field",
-            "name must be 1-200 characters",
-        ));
+        return Err(ApiError::new(Code::InvalidField).message("name must be 1-200 characters"));
     }
     if body.account_ids.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid_field",
-            "accountIds must name at least one account",
-        ));
+        return Err(
+            ApiError::new(Code::InvalidField).message("accountIds must name at least one account")
+        );
     }
     if let Some(unknown) = body
         .account_ids
         .iter()
         .find(|id| state.store.account(id).is_none())
     {
-        return Err(ApiError::bad_request(
-            "unknown_account",
-            format!("accountIds names {unknown:?}, which is not a registered account"),
-        ));
+        return Err(ApiError::new(Code::UnknownAccount).message(format!(
+            "accountIds names {unknown:?}, which is not a registered account"
+        )));
     }
     let secret = generate_api_key_secret();
     let key = ApiKey {
@@ -375,7 +365,7 @@ pub async fn revoke_key(
 ) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
     if !state.store.revoke_api_key(path.into_inner()).await? {
-        return Err(ApiError::not_found("key_not_found", "no such API key"));
+        return Err(ApiError::new(Code::KeyNotFound));
     }
     Ok(HttpResponse::NoContent().finish())
 }

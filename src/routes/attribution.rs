@@ -7,7 +7,7 @@ use serde_json::json;
 use crate::attribution::{AutomaticEvent, Click, ClickVia, Conversation};
 use crate::auth::Caller;
 use crate::domain::phone::PhoneDigits;
-use crate::error::ApiError;
+use crate::error::{ApiError, Code};
 use crate::routes::rfc3339;
 use crate::startup::AppState;
 use crate::store::UserRecord;
@@ -124,16 +124,15 @@ pub async fn attribution(
         .as_deref()
         .map(PhoneDigits::parse)
         .transpose()
-        .map_err(|message| ApiError::bad_request("invalid_phone", format!("phone: {message}")))?;
+        .map_err(|message| {
+            ApiError::new(Code::InvalidPhone).message(format!("phone: {message}"))
+        })?;
     let bsuid = query.bsuid.filter(|bsuid| !bsuid.trim().is_empty());
     if phone.is_none() && bsuid.is_none() {
-        return Err(ApiError::bad_request(
-            "missing_phone",
-            "give phone (digits with country code) or bsuid",
-        ));
+        return Err(ApiError::new(Code::MissingPhone));
     }
     if let Some(account_id) = &query.account_id {
-        caller.account(&state, account_id)?;
+        caller.account(account_id)?;
     }
     let only_account = query.account_id.clone();
     let scope = caller.clone();
@@ -179,12 +178,7 @@ pub async fn conversation(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
-    let not_found = || {
-        ApiError::not_found(
-            "conversation_not_found",
-            "no such conversation is visible to this key",
-        )
-    };
+    let not_found = || ApiError::new(Code::ConversationNotFound);
     let Some(conversation) = state.store.conversation(id).await? else {
         return Err(not_found());
     };

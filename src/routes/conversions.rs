@@ -1,6 +1,5 @@
 //! `POST /v1/whatsapp/conversions` (Zernio-compatible), its history, and dataset provisioning.
 
-use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -11,7 +10,7 @@ use crate::conversions::payload::{events_request_body, MetaEvent};
 use crate::conversions::request::{validate, ConversionBody, Lookup};
 use crate::conversions::{record_and_deliver, result_body};
 use crate::domain::conversion::Currency;
-use crate::error::ApiError;
+use crate::error::{ApiError, Code};
 use crate::json_body::JsonBody;
 use crate::routes::rfc3339;
 use crate::startup::AppState;
@@ -27,10 +26,8 @@ async fn attributed_conversation(
         Lookup::Conversation(id) => match state.store.conversation(id.clone()).await? {
             Some(conversation) if conversation.account_id == account_id => conversation,
             _ => {
-                return Err(ApiError::not_found(
-                    "conversation_not_found",
-                    format!("no conversation {id:?} on account {account_id:?}"),
-                ))
+                return Err(ApiError::new(Code::ConversationNotFound)
+                    .message(format!("no conversation {id:?} on account {account_id:?}")))
             }
         },
         Lookup::Phone(phone) => {
@@ -41,16 +38,13 @@ async fn attributed_conversation(
             {
                 (_, Some(conversation)) => conversation,
                 (true, None) => {
-                    return Err(ApiError::unprocessable(
-                        "no_ctwa_clid",
+                    return Err(ApiError::new(Code::NoCtwaClid).message(
                         "none of this phone's conversations on the account came from a Click-to-WhatsApp ad click with a click id (organic chats, or Status-placement ads, which carry no ctwa_clid)",
                     ))
                 }
                 (false, None) => {
-                    return Err(ApiError::not_found(
-                        "conversation_not_found",
-                        "this phone has no conversation on the account",
-                    ))
+                    return Err(ApiError::new(Code::ConversationNotFound)
+                        .message("this phone has no conversation on the account"))
                 }
             }
         }
@@ -67,7 +61,7 @@ async fn attributed_conversation(
         Some(_) => "the conversation came from a Status-placement ad, which carries no ctwa_clid, so Meta cannot attribute a conversion to it",
         None => "the conversation started without an ad click (an organic chat), so there is no ctwa_clid to attribute a conversion to",
     };
-    Err(ApiError::unprocessable("no_ctwa_clid", reason))
+    Err(ApiError::new(Code::NoCtwaClid).message(reason))
 }
 
 pub async fn send(
@@ -80,14 +74,11 @@ pub async fn send(
         &state.settings.event_names,
         state.clock.now_secs(),
     )?;
-    let account = caller.account(&state, &request.account_id)?;
+    let account = caller.account(&request.account_id)?;
     let (conversation, ctwa_clid, clicked_at) =
         attributed_conversation(&state, &account.id, &request.lookup).await?;
     let Some(dataset_id) = account.metadata.meta_capi_dataset_id.clone() else {
-        return Err(ApiError::unprocessable(
-            "dataset_not_configured",
-            "the account has no Meta dataset: set metadata.metaCapiDatasetId, or POST /v1/whatsapp/dataset to provision one",
-        ));
+        return Err(ApiError::new(Code::DatasetNotConfigured));
     };
     let mut warnings = Vec::new();
     if request.event_time - clicked_at > state.settings.attribution_window_secs() {
@@ -192,19 +183,13 @@ pub async fn history(
 ) -> Result<HttpResponse, ApiError> {
     let query = query.into_inner();
     let Some(account_id) = query.account_id else {
-        return Err(ApiError::bad_request(
-            "missing_account_id",
-            "accountId is required",
-        ));
+        return Err(ApiError::new(Code::MissingAccountId));
     };
     let limit = query.limit.unwrap_or(50);
     if !(1..=200).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            "limit must be between 1 and 200",
-        ));
+        return Err(ApiError::new(Code::InvalidLimit));
     }
-    let account = caller.account(&state, &account_id)?;
+    let account = caller.account(&account_id)?;
     let records = state
         .store
         .conversion_history(account.id, limit as usize)
@@ -225,12 +210,9 @@ pub async fn get_dataset(
     query: web::Query<DatasetQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let Some(account_id) = query.into_inner().account_id else {
-        return Err(ApiError::bad_request(
-            "missing_account_id",
-            "accountId is required",
-        ));
+        return Err(ApiError::new(Code::MissingAccountId));
     };
-    let account = caller.account(&state, &account_id)?;
+    let account = caller.account(&account_id)?;
     Ok(HttpResponse::Ok().json(json!({ "datasetId": account.metadata.meta_capi_dataset_id })))
 }
 
@@ -241,19 +223,16 @@ pub struct DatasetBody {
 }
 
 fn meta_failure(error: crate::graph::GraphError) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_GATEWAY,
-        "meta_error",
-        format!(
+    ApiError::new(Code::MetaError)
+        .message(format!(
             "Meta refused the dataset request. {}",
             error.actionable_message()
-        ),
-    )
-    .with_details(json!({
-        "metaCode": error.meta_code(),
-        "metaSubcode": error.meta_subcode(),
-        "traceId": error.trace_id(),
-    }))
+        ))
+        .with_details(json!({
+            "metaCode": error.meta_code(),
+            "metaSubcode": error.meta_subcode(),
+            "traceId": error.trace_id(),
+        }))
 }
 
 /// Reads the WABA's dataset from Meta and creates one when there is none; stores it on the
@@ -263,7 +242,7 @@ pub async fn provision_dataset(
     caller: Caller,
     body: JsonBody<DatasetBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut account = caller.account(&state, &body.account_id)?;
+    let mut account = caller.account(&body.account_id)?;
     let existing = state
         .graph
         .get_dataset(&account.waba_id, &account.access_token)

@@ -1,8 +1,7 @@
-use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Code};
 use crate::startup::AppState;
 
 /// Alive unless the store failed a write or flush and a fresh probe still fails: sled 0.34 keeps
@@ -12,12 +11,7 @@ pub async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
         Ok(()) => Ok(HttpResponse::Ok().json(json!({"status": "ok"}))),
         Err(error) => {
             crate::error::log_store_failure(&error, "liveness check failed: the store is failed");
-            Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_failed",
-                "the store failed to write or flush and still cannot; restart the process once the \
-                 disk is writable (the details are in the server log)",
-            ))
+            Err(ApiError::new(Code::StoreFailed))
         }
     }
 }
@@ -28,11 +22,8 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
         Ok(()) => Ok(HttpResponse::Ok().json(json!({"status": "ready"}))),
         Err(error) => {
             crate::error::log_store_failure(&error, "readiness check failed");
-            Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "the store cannot write, flush and read back",
-            ))
+            Err(ApiError::new(Code::StoreUnavailable)
+                .message("the store cannot write, flush and read back"))
         }
     }
 }
@@ -45,8 +36,9 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 
 /// The answer for every path no route matches.
 pub async fn not_found(request: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::not_found(
-        "not_found",
-        format!("no route for {} {}", request.method(), request.path()),
-    ))
+    Err(ApiError::new(Code::NotFound).message(format!(
+        "no route for {} {}",
+        request.method(),
+        request.path()
+    )))
 }

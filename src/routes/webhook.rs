@@ -2,7 +2,7 @@ use std::collections::HashMap;
 
 use actix_web::{web, HttpResponse};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Code};
 use crate::startup::AppState;
 use crate::webhook::{parse_webhook, VerifiedWebhook};
 
@@ -22,7 +22,7 @@ pub async fn handshake(
                 .content_type("text/plain; charset=utf-8")
                 .body(challenge.clone()))
         }
-        _ => Err(ApiError::forbidden(
+        _ => Err(ApiError::new(Code::Forbidden).message(
             "the verify token or hub.mode does not match this server's CTWA_VERIFY_TOKEN",
         )),
     }

@@ -10,7 +10,7 @@ use actix_web::{dev::Payload, FromRequest, HttpRequest};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Code};
 use crate::secret::Secret;
 use crate::startup::AppState;
 
@@ -54,11 +54,7 @@ impl FromRequest for VerifiedWebhook {
             state.metrics.webhook_received();
             if state.settings.app_secrets.is_empty() {
                 state.metrics.webhook_rejected("not_configured");
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "webhook_not_configured",
-                    "no app secret is configured (set CTWA_APP_SECRETS); Meta will retry",
-                ));
+                return Err(ApiError::new(Code::WebhookNotConfigured));
             }
             let body = match body.await {
                 Ok(body) => body,
@@ -66,34 +62,21 @@ impl FromRequest for VerifiedWebhook {
                     let status = error.as_response_error().status_code();
                     if status == StatusCode::PAYLOAD_TOO_LARGE {
                         state.metrics.webhook_rejected("too_large");
-                        return Err(ApiError::new(
-                            status,
-                            "payload_too_large",
-                            "webhook bodies are limited to 4 MiB",
-                        ));
+                        return Err(ApiError::new(Code::PayloadTooLarge)
+                            .message("webhook bodies are limited to 4 MiB"));
                     }
                     state.metrics.webhook_rejected("unreadable");
-                    return Err(ApiError::bad_request(
-                        "unreadable_body",
-                        format!("the request body could not be read: {error}"),
-                    ));
+                    return Err(ApiError::new(Code::UnreadableBody)
+                        .message(format!("the request body could not be read: {error}")));
                 }
             };
             let Some(header) = header else {
                 state.metrics.webhook_rejected("missing_signature");
-                return Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "missing_signature",
-                    "the X-Hub-Signature-256 header is missing",
-                ));
+                return Err(ApiError::new(Code::MissingSignature));
             };
             if !verify_signature(&state.settings.app_secrets, &header, &body) {
                 state.metrics.webhook_rejected("invalid_signature");
-                return Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_signature",
-                    "the X-Hub-Signature-256 header does not match the body for any configured app secret",
-                ));
+                return Err(ApiError::new(Code::InvalidSignature));
             }
             Ok(VerifiedWebhook(body))
         })
