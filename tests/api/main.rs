@@ -13,6 +13,7 @@ mod dataset;
 mod durability;
 mod health;
 mod hostile;
+mod openapi;
 mod retention;
 mod store_safety;
 mod webhook_handshake;
