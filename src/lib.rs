@@ -2,6 +2,7 @@
 //! conversion events out to the Conversions API for Business Messaging.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod attribution;
 pub mod auth;
 pub mod cli;
@@ -10,6 +11,7 @@ pub mod conversions;
 pub mod domain;
 pub mod error;
 pub mod graph;
+pub mod ingest;
 pub mod json_body;
 pub mod metrics;
 pub mod routes;

@@ -1,6 +1,8 @@
-//! Building the application: the store, the state, the routes and their limits, the listener.
+//! Wiring only: opens the store, builds the services over it, registers them and the routes
+//! with their limits, and binds the listener. Nothing here is imported by the code it wires.
 
 use std::net::TcpListener;
+use std::sync::Arc;
 
 use actix_web::dev::Server;
 use actix_web::error::{PathError, QueryPayloadError};
@@ -8,36 +10,30 @@ use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpRequest, HttpServer};
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
+use tracing_actix_web::TracingLogger;
 
+use crate::auth::Gate;
 use crate::clock::Clock;
-use crate::conversions::outbox;
+use crate::conversions::{self, DeliveryPolicy};
 use crate::error::{ApiError, Code};
 use crate::graph::GraphClient;
 use crate::json_body;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::settings::Settings;
-use crate::store::Store;
+use crate::ingest;
+use crate::store::{SledStore, Store};
 use crate::telemetry;
 
 /// Meta sends webhook bodies of up to 3 MB.
 pub const WEBHOOK_BODY_LIMIT: usize = 4 * 1024 * 1024;
 
-/// Everything handlers share.
-pub struct AppState {
-    pub settings: Settings,
-    pub store: Store,
-    pub metrics: Metrics,
-    pub clock: Clock,
-    pub graph: GraphClient,
-    /// Wakes the outbox worker before its next poll.
-    pub outbox_wakeup: tokio::sync::Notify,
-}
-
+/// The running service: the HTTP server, the outbox worker, and the store they share.
 pub struct Application {
     address: std::net::SocketAddr,
     server: Server,
-    state: web::Data<AppState>,
+    store: Store,
+    conversions: Arc<conversions::Service>,
     shutdown: CancellationToken,
     outbox_worker: tokio::task::JoinHandle<()>,
 }
@@ -51,13 +47,14 @@ impl Application {
     pub async fn build_with_clock(settings: Settings, clock: Clock) -> anyhow::Result<Self> {
         let data_dir = settings.data_dir.clone();
         let min_free_bytes = settings.min_free_bytes();
-        let store = tokio::task::spawn_blocking(move || {
-            Store::open_with_free_space(&data_dir, min_free_bytes)
+        let sled = tokio::task::spawn_blocking(move || {
+            SledStore::open_with_free_space(&data_dir, min_free_bytes)
         })
         .await
         .context("the store task panicked")?
         .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
-        let listener = TcpListener::bind(&settings.listen)
+        let store: Store = Arc::new(sled);
+        let listener = TcpListener::bind(settings.listen)
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let address = listener.local_addr()?;
         let workers = match settings.workers {
@@ -65,26 +62,49 @@ impl Application {
             n => n,
         };
         let api_body_limit = settings.api_body_limit;
+
+        let metrics = Arc::new(Metrics::default());
         let graph = GraphClient::new(&settings).context("cannot build the Graph API client")?;
-        let state = web::Data::new(AppState {
-            settings,
-            store,
-            metrics: Metrics::default(),
-            clock,
+        let conversions = Arc::new(conversions::Service::new(
+            store.clone(),
             graph,
-            outbox_wakeup: tokio::sync::Notify::new(),
+            clock.clone(),
+            DeliveryPolicy::from_settings(&settings),
+            metrics.clone(),
+        ));
+        let ingest = Arc::new(ingest::Service::new(
+            store.clone(),
+            clock.clone(),
+            settings.app_secrets.clone(),
+            settings.verify_token.clone(),
+            settings.attribution_window_secs(),
+            metrics.clone(),
+            conversions.clone(),
+        ));
+        let admin = web::Data::new(routes::admin::Admin {
+            store: store.clone(),
+            clock,
+            ingest: ingest.clone(),
         });
-        let gate = web::Data::new(crate::auth::Gate {
-            store: state.store.clone(),
-            admin_token: state.settings.admin_token.clone(),
+        let gate = web::Data::new(Gate {
+            store: store.clone(),
+            admin_token: settings.admin_token.clone(),
         });
+        let store_data = web::Data::new(store.clone());
+        let metrics_data = web::Data::from(metrics);
+        let ingest_data = web::Data::from(ingest);
+        let conversions_data = web::Data::from(conversions.clone());
+
         let shutdown = CancellationToken::new();
-        let outbox_worker = tokio::spawn(outbox::run(state.clone().into_inner(), shutdown.clone()));
-        let server_state = state.clone();
+        let outbox_worker = tokio::spawn(conversions.clone().run_outbox(shutdown.clone()));
         let server = HttpServer::new(move || {
             App::new()
-                .app_data(server_state.clone())
+                .app_data(store_data.clone())
                 .app_data(gate.clone())
+                .app_data(metrics_data.clone())
+                .app_data(ingest_data.clone())
+                .app_data(conversions_data.clone())
+                .app_data(admin.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(api_body_limit)
@@ -92,7 +112,8 @@ impl Application {
                 )
                 .app_data(web::QueryConfig::default().error_handler(query_error))
                 .app_data(web::PathConfig::default().error_handler(path_error))
-                .wrap(from_fn(telemetry::request_context))
+                .wrap(from_fn(telemetry::answer_request))
+                .wrap(TracingLogger::<telemetry::RequestSpan>::new())
                 .configure(configure_routes)
         })
         .workers(workers)
@@ -102,7 +123,8 @@ impl Application {
         Ok(Self {
             address,
             server,
-            state,
+            store,
+            conversions,
             shutdown,
             outbox_worker,
         })
@@ -114,6 +136,11 @@ impl Application {
 
     pub fn address(&self) -> std::net::SocketAddr {
         self.address
+    }
+
+    /// The conversions service, so tests can run an outbox pass when they choose.
+    pub fn conversions(&self) -> Arc<conversions::Service> {
+        self.conversions.clone()
     }
 
     /// Serves until SIGTERM or SIGINT: actix drains in-flight requests, then background work is
@@ -128,7 +155,7 @@ impl Application {
         if let Err(error) = self.outbox_worker.await {
             tracing::error!(%error, "the outbox worker panicked");
         }
-        let store = self.state.store.clone();
+        let store = self.store.clone();
         let flushed = tokio::task::spawn_blocking(move || store.flush_blocking()).await;
         match flushed {
             Ok(Ok(())) => tracing::info!("stopped; the store is flushed"),
@@ -141,7 +168,7 @@ impl Application {
                 );
                 // sled logs one more error per tree when a tree is dropped after a failed
                 // flush; nothing more can be saved, so the process ends without those drops.
-                std::mem::forget(self.state);
+                std::mem::forget((self.store, self.conversions));
             }
             Err(error) => tracing::error!(
                 %error,
@@ -157,6 +184,7 @@ pub fn configure_routes(config: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(routes::health::healthz))
         .route("/readyz", web::get().to(routes::health::readyz))
         .route("/metrics", web::get().to(routes::health::metrics))
+        .route("/openapi.json", web::get().to(crate::api::openapi))
         .service(
             web::resource("/webhooks/whatsapp")
                 .app_data(web::PayloadConfig::new(WEBHOOK_BODY_LIMIT))

@@ -3,5 +3,7 @@
 
 pub mod account;
 pub mod conversion;
+pub mod conversion_record;
 pub mod ids;
 pub mod phone;
+pub mod user;

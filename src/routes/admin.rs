@@ -1,99 +1,25 @@
 //! The admin API (SPEC §4.6): accounts and API keys. Admin token only.
 
-use actix_web::{web, HttpResponse};
-use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
+use actix_web::{web, HttpResponse};
+
+use crate::api::admin::{
+    AccountList, AccountView, CreateAccountBody, CreateKeyBody, CreatedKey, KeyList, KeyView,
+    MetadataBody, UpdateAccountBody,
+};
+use crate::api::errors::ErrorBody;
 use crate::auth::Caller;
+use crate::clock::Clock;
 use crate::domain::account::{
     generate_api_key_secret, hash_api_key, Account, AccountMetadata, ApiKey,
 };
 use crate::domain::ids;
 use crate::error::{ApiError, Code};
+use crate::ingest;
 use crate::json_body::JsonBody;
-use crate::routes::{double_option, rfc3339};
 use crate::secret::Secret;
-use crate::startup::AppState;
-use crate::webhook::parse_webhook;
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MetadataBody {
-    #[serde(default, deserialize_with = "double_option")]
-    meta_capi_dataset_id: Option<Option<String>>,
-    #[serde(default, deserialize_with = "double_option")]
-    connected_facebook_page_id: Option<Option<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CreateAccountBody {
-    id: Option<String>,
-    name: Option<String>,
-    phone_number_id: String,
-    waba_id: String,
-    display_phone_number: Option<String>,
-    access_token: Secret,
-    metadata: Option<MetadataBody>,
-    #[serde(default)]
-    forward_automatic_events: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct UpdateAccountBody {
-    #[serde(default, deserialize_with = "double_option")]
-    name: Option<Option<String>>,
-    phone_number_id: Option<String>,
-    waba_id: Option<String>,
-    #[serde(default, deserialize_with = "double_option")]
-    display_phone_number: Option<Option<String>>,
-    access_token: Option<Secret>,
-    metadata: Option<MetadataBody>,
-    forward_automatic_events: Option<bool>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MetadataView {
-    meta_capi_dataset_id: Option<String>,
-    connected_facebook_page_id: Option<String>,
-}
-
-/// An account as the API shows it: the access token is write-only.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AccountView {
-    id: String,
-    name: Option<String>,
-    phone_number_id: String,
-    waba_id: String,
-    display_phone_number: Option<String>,
-    has_access_token: bool,
-    metadata: MetadataView,
-    forward_automatic_events: bool,
-    created_at: String,
-    updated_at: String,
-}
-
-impl From<&Account> for AccountView {
-    fn from(account: &Account) -> Self {
-        Self {
-            id: account.id.clone(),
-            name: account.name.clone(),
-            phone_number_id: account.phone_number_id.clone(),
-            waba_id: account.waba_id.clone(),
-            display_phone_number: account.display_phone_number.clone(),
-            has_access_token: !account.access_token.expose().is_empty(),
-            metadata: MetadataView {
-                meta_capi_dataset_id: account.metadata.meta_capi_dataset_id.clone(),
-                connected_facebook_page_id: account.metadata.connected_facebook_page_id.clone(),
-            },
-            forward_automatic_events: account.forward_automatic_events,
-            created_at: rfc3339(account.created_at),
-            updated_at: rfc3339(account.updated_at),
-        }
-    }
-}
+use crate::store::Store;
 
 fn check_meta_id(field: &'static str, value: &str) -> Result<(), ApiError> {
     if ids::is_valid_meta_id(value) {
@@ -129,33 +55,28 @@ fn apply_metadata(metadata: &mut AccountMetadata, body: MetadataBody) -> Result<
     Ok(())
 }
 
-/// Processes webhook changes that arrived for this number before its account existed.
-async fn replay_held_changes(state: &AppState, phone_number_id: &str) -> Result<(), ApiError> {
-    let mut report = state
-        .store
-        .replay_unrouted(
-            phone_number_id.to_string(),
-            parse_webhook,
-            state.settings.attribution_window_secs(),
-        )
-        .await?;
-    let matched = std::mem::take(&mut report.matched_automatic_events);
-    crate::conversions::forward_automatic_events(state, matched).await?;
-    state.store.durable().await?;
-    state.metrics.record_ingest(&report);
-    if report.messages > 0 || report.automatic_events > 0 {
-        tracing::info!(
-            phone_number_id,
-            messages = report.messages,
-            automatic_events = report.automatic_events,
-            "replayed webhook changes held for the new account"
-        );
-    }
-    Ok(())
+/// What the admin routes use: the store, the clock, and ingestion (a new or renumbered account
+/// replays the webhooks held for its number).
+pub struct Admin {
+    pub store: Store,
+    pub clock: Clock,
+    pub ingest: Arc<ingest::Service>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/admin/accounts",
+    tag = "admin",
+    security(("bearer" = [])),
+    request_body = CreateAccountBody,
+    responses(
+        (status = 201, description = "The account; webhooks held for its number are processed.", body = AccountView),
+        (status = 403, description = "An API key, not the admin token (`forbidden`).", body = ErrorBody),
+        (status = 409, description = "The phoneNumberId or id is taken (`conflict`), or the id belonged to a deleted account (`account_id_retired`).", body = ErrorBody),
+    ),
+)]
 pub async fn create_account(
-    state: web::Data<AppState>,
+    admin: web::Data<Admin>,
     caller: Caller,
     body: JsonBody<CreateAccountBody>,
 ) -> Result<HttpResponse, ApiError> {
@@ -176,7 +97,7 @@ pub async fn create_account(
     if let Some(metadata_body) = body.metadata {
         apply_metadata(&mut metadata, metadata_body)?;
     }
-    let now = state.clock.now_secs();
+    let now = admin.clock.now_secs();
     let account = Account {
         id,
         name: body.name.filter(|name| !name.trim().is_empty()),
@@ -189,27 +110,51 @@ pub async fn create_account(
         created_at: now,
         updated_at: now,
     };
-    let account = state.store.create_account(account).await?;
-    replay_held_changes(&state, &account.phone_number_id).await?;
+    let account = admin.store.create_account(account).await?;
+    admin
+        .ingest
+        .replay_held(account.phone_number_id.clone())
+        .await?;
     Ok(HttpResponse::Created().json(AccountView::from(&account)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/admin/accounts",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every account.", body = AccountList),
+        (status = 403, description = "An API key, not the admin token (`forbidden`).", body = ErrorBody),
+    ),
+)]
 pub async fn list_accounts(
-    state: web::Data<AppState>,
+    admin: web::Data<Admin>,
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
-    let accounts: Vec<AccountView> = state
+    let accounts = admin
         .store
         .accounts()
         .iter()
         .map(AccountView::from)
         .collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "accounts": accounts })))
+    Ok(HttpResponse::Ok().json(AccountList { accounts }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/admin/accounts/{id}",
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The account id.")),
+    responses(
+        (status = 200, description = "The account.", body = AccountView),
+        (status = 403, description = "An API key, not the admin token (`forbidden`).", body = ErrorBody),
+        (status = 404, description = "No such account (`account_not_found`).", body = ErrorBody),
+    ),
+)]
 pub async fn get_account(
-    state: web::Data<AppState>,
     caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -218,8 +163,22 @@ pub async fn get_account(
     Ok(HttpResponse::Ok().json(AccountView::from(&account)))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/v1/admin/accounts/{id}",
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The account id.")),
+    request_body = UpdateAccountBody,
+    responses(
+        (status = 200, description = "The updated account.", body = AccountView),
+        (status = 403, description = "An API key, not the admin token (`forbidden`).", body = ErrorBody),
+        (status = 404, description = "No such account (`account_not_found`).", body = ErrorBody),
+        (status = 409, description = "The phoneNumberId belongs to another account (`conflict`).", body = ErrorBody),
+    ),
+)]
 pub async fn update_account(
-    state: web::Data<AppState>,
+    admin: web::Data<Admin>,
     caller: Caller,
     path: web::Path<String>,
     body: JsonBody<UpdateAccountBody>,
@@ -251,25 +210,40 @@ pub async fn update_account(
     if let Some(forward) = body.forward_automatic_events {
         account.forward_automatic_events = forward;
     }
-    account.updated_at = state.clock.now_secs();
-    let account = state.store.update_account(account).await?;
-    replay_held_changes(&state, &account.phone_number_id).await?;
+    account.updated_at = admin.clock.now_secs();
+    let account = admin.store.update_account(account).await?;
+    admin
+        .ingest
+        .replay_held(account.phone_number_id.clone())
+        .await?;
     Ok(HttpResponse::Ok().json(AccountView::from(&account)))
 }
 
 /// Deletes an account: every API key scoped to it loses it (a key left with none is revoked), and
 /// its id is retired. Its conversations and conversions are kept under that id, readable with
 /// the admin token; a new account must use another id.
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/accounts/{id}",
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The account id.")),
+    responses(
+        (status = 204, description = "Deleted; its keys lose it, its id is retired, its data is kept."),
+        (status = 403, description = "An API key, not the admin token (`forbidden`).", body = ErrorBody),
+        (status = 404, description = "No such account (`account_not_found`).", body = ErrorBody),
+    ),
+)]
 pub async fn delete_account(
-    state: web::Data<AppState>,
+    admin: web::Data<Admin>,
     caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
     let id = path.into_inner();
-    let Some(deletion) = state
+    let Some(deletion) = admin
         .store
-        .delete_account(id.clone(), state.clock.now_secs())
+        .delete_account(id.clone(), admin.clock.now_secs())
         .await?
     else {
         return Err(ApiError::new(Code::AccountNotFound).message("no such account"));
@@ -283,35 +257,19 @@ pub async fn delete_account(
     Ok(HttpResponse::NoContent().finish())
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CreateKeyBody {
-    name: String,
-    account_ids: Vec<String>,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct KeyView {
-    id: String,
-    name: String,
-    account_ids: Vec<String>,
-    created_at: String,
-}
-
-impl From<&ApiKey> for KeyView {
-    fn from(key: &ApiKey) -> Self {
-        Self {
-            id: key.id.clone(),
-            name: key.name.clone(),
-            account_ids: key.account_ids.clone(),
-            created_at: rfc3339(key.created_at),
-        }
-    }
-}
-
+#[utoipa::path(
+    post,
+    path = "/v1/admin/api-keys",
+    tag = "admin",
+    security(("bearer" = [])),
+    request_body = CreateKeyBody,
+    responses(
+        (status = 201, description = "The key, with its secret shown this once.", body = CreatedKey),
+        (status = 403, description = "An API key, not the admin token (`forbidden`).", body = ErrorBody),
+    ),
+)]
 pub async fn create_key(
-    state: web::Data<AppState>,
+    admin: web::Data<Admin>,
     caller: Caller,
     body: JsonBody<CreateKeyBody>,
 ) -> Result<HttpResponse, ApiError> {
@@ -329,7 +287,7 @@ pub async fn create_key(
     if let Some(unknown) = body
         .account_ids
         .iter()
-        .find(|id| state.store.account(id).is_none())
+        .find(|id| admin.store.account(id).is_none())
     {
         return Err(ApiError::new(Code::UnknownAccount).message(format!(
             "accountIds names {unknown:?}, which is not a registered account"
@@ -341,30 +299,47 @@ pub async fn create_key(
         name,
         key_hash: hash_api_key(secret.expose()),
         account_ids: body.account_ids,
-        created_at: state.clock.now_secs(),
+        created_at: admin.clock.now_secs(),
     };
-    let key = state.store.create_api_key(key).await?;
-    let mut view = serde_json::to_value(KeyView::from(&key)).expect("a key view serialises");
-    view["key"] = serde_json::Value::String(secret.expose().to_string());
-    Ok(HttpResponse::Created().json(view))
+    let key = admin.store.create_api_key(key).await?;
+    Ok(HttpResponse::Created().json(CreatedKey::new(&key, secret.expose())))
 }
 
-pub async fn list_keys(
-    state: web::Data<AppState>,
-    caller: Caller,
-) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/v1/admin/api-keys",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every key, without secrets.", body = KeyList),
+        (status = 403, description = "An API key, not the admin token (`forbidden`).", body = ErrorBody),
+    ),
+)]
+pub async fn list_keys(admin: web::Data<Admin>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
-    let keys: Vec<KeyView> = state.store.api_keys().iter().map(KeyView::from).collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "keys": keys })))
+    let keys = admin.store.api_keys().iter().map(KeyView::from).collect();
+    Ok(HttpResponse::Ok().json(KeyList { keys }))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/api-keys/{id}",
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The key id.")),
+    responses(
+        (status = 204, description = "Revoked; the next request with it is refused."),
+        (status = 403, description = "An API key, not the admin token (`forbidden`).", body = ErrorBody),
+        (status = 404, description = "No such key (`key_not_found`).", body = ErrorBody),
+    ),
+)]
 pub async fn revoke_key(
-    state: web::Data<AppState>,
+    admin: web::Data<Admin>,
     caller: Caller,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
-    if !state.store.revoke_api_key(path.into_inner()).await? {
+    if !admin.store.revoke_api_key(path.into_inner()).await? {
         return Err(ApiError::new(Code::KeyNotFound));
     }
     Ok(HttpResponse::NoContent().finish())

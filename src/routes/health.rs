@@ -1,14 +1,25 @@
 use actix_web::{web, HttpResponse};
-use serde_json::json;
 
+use crate::api::errors::ErrorBody;
+use crate::api::StatusBody;
 use crate::error::{ApiError, Code};
-use crate::startup::AppState;
+use crate::metrics::Metrics;
+use crate::store::Store;
 
 /// Alive unless the store failed a write or flush and a fresh probe still fails: sled 0.34 keeps
 /// an I/O error for good, so a supervisor restarting the process is the way back.
-pub async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    match state.store.check_alive().await {
-        Ok(()) => Ok(HttpResponse::Ok().json(json!({"status": "ok"}))),
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Alive: `{\"status\": \"ok\"}`.", body = StatusBody),
+        (status = 503, description = "The store failed and still cannot write (`store_failed`); restart the process once the disk is writable.", body = ErrorBody),
+    ),
+)]
+pub async fn healthz(store: web::Data<Store>) -> Result<HttpResponse, ApiError> {
+    match store.check_alive().await {
+        Ok(()) => Ok(HttpResponse::Ok().json(StatusBody { status: "ok" })),
         Err(error) => {
             crate::error::log_store_failure(&error, "liveness check failed: the store is failed");
             Err(ApiError::new(Code::StoreFailed))
@@ -17,9 +28,18 @@ pub async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
 }
 
 /// Ready when the store can take a write, make it durable and read it back.
-pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    match state.store.check_ready().await {
-        Ok(()) => Ok(HttpResponse::Ok().json(json!({"status": "ready"}))),
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready: `{\"status\": \"ready\"}`.", body = StatusBody),
+        (status = 503, description = "The store cannot write, flush and read back (`store_unavailable`).", body = ErrorBody),
+    ),
+)]
+pub async fn readyz(store: web::Data<Store>) -> Result<HttpResponse, ApiError> {
+    match store.check_ready().await {
+        Ok(()) => Ok(HttpResponse::Ok().json(StatusBody { status: "ready" })),
         Err(error) => {
             crate::error::log_store_failure(&error, "readiness check failed");
             Err(ApiError::new(Code::StoreUnavailable)
@@ -28,10 +48,10 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
     }
 }
 
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+pub async fn metrics(metrics: web::Data<Metrics>) -> HttpResponse {
     HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+        .content_type(crate::metrics::CONTENT_TYPE)
+        .body(metrics.render())
 }
 
 /// The answer for every path no route matches.

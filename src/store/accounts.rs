@@ -3,10 +3,61 @@
 //! applied, before the flush, so that a failed flush never leaves memory and trees disagreeing.
 //! Every change runs on the writer thread, so a deletion and a key change never interleave.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{decode, encode, Caches, Store, StoreError, Trees};
-use crate::domain::account::{Account, ApiKey};
+use crate::domain::account::{Account, AccountMetadata, ApiKey};
+use crate::secret::Secret;
+use crate::store::AccountDeletion;
+
+/// An account as the `accounts` tree holds it: JSON with the field names and order of the first
+/// layout, the access token in plain text. This is the one place that writes a token out;
+/// `Account` itself has no `Serialize`, so a token cannot leak through a log line or a response.
+#[derive(Serialize, Deserialize)]
+struct AccountRecord {
+    id: String,
+    name: Option<String>,
+    phone_number_id: String,
+    waba_id: String,
+    display_phone_number: Option<String>,
+    access_token: String,
+    metadata: AccountMetadata,
+    #[serde(default)]
+    forward_automatic_events: bool,
+    created_at: i64,
+    updated_at: i64,
+}
+
+fn encode_account(account: &Account) -> Result<Vec<u8>, StoreError> {
+    encode(&AccountRecord {
+        id: account.id.clone(),
+        name: account.name.clone(),
+        phone_number_id: account.phone_number_id.clone(),
+        waba_id: account.waba_id.clone(),
+        display_phone_number: account.display_phone_number.clone(),
+        access_token: account.access_token.expose().to_string(),
+        metadata: account.metadata.clone(),
+        forward_automatic_events: account.forward_automatic_events,
+        created_at: account.created_at,
+        updated_at: account.updated_at,
+    })
+}
+
+fn decode_account(bytes: &[u8]) -> Result<Account, StoreError> {
+    let record: AccountRecord = decode(bytes)?;
+    Ok(Account {
+        id: record.id,
+        name: record.name,
+        phone_number_id: record.phone_number_id,
+        waba_id: record.waba_id,
+        display_phone_number: record.display_phone_number,
+        access_token: Secret::new(record.access_token),
+        metadata: record.metadata,
+        forward_automatic_events: record.forward_automatic_events,
+        created_at: record.created_at,
+        updated_at: record.updated_at,
+    })
+}
 
 /// The tombstone of a deleted account: its id is never given to a new account, because the
 /// deleted account's conversations and conversions stay in the store under that id.
@@ -17,20 +68,11 @@ struct RetiredAccount {
     deleted_at: i64,
 }
 
-/// What deleting an account did to the API keys scoped to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AccountDeletion {
-    /// Keys that still reach other accounts and lost only this one.
-    pub narrowed_keys: usize,
-    /// Keys that reached this account only, and were revoked.
-    pub revoked_keys: usize,
-}
-
 pub(super) fn load_caches(trees: &Trees) -> Result<Caches, StoreError> {
     let mut caches = Caches::default();
     for item in trees.accounts.iter() {
         let (_, value) = item?;
-        let account: Account = decode(&value)?;
+        let account = decode_account(&value)?;
         caches
             .account_by_phone_number_id
             .insert(account.phone_number_id.clone(), account.id.clone());
@@ -98,7 +140,7 @@ impl Store {
                 }
                 trees
                     .accounts
-                    .insert(account.id.as_bytes(), encode(&account)?)?;
+                    .insert(account.id.as_bytes(), encode_account(&account)?)?;
                 trees
                     .account_by_phone_number_id
                     .insert(account.phone_number_id.as_bytes(), account.id.as_bytes())?;
@@ -121,8 +163,8 @@ impl Store {
         let (stored, previous_phone_number_id) = self
             .write(move |inner| {
                 let trees = &inner.trees;
-                let previous: Account = match trees.accounts.get(account.id.as_bytes())? {
-                    Some(bytes) => decode(&bytes)?,
+                let previous = match trees.accounts.get(account.id.as_bytes())? {
+                    Some(bytes) => decode_account(&bytes)?,
                     None => {
                         return Err(StoreError::Conflict(format!(
                             "account {} no longer exists",
@@ -151,7 +193,7 @@ impl Store {
                 }
                 trees
                     .accounts
-                    .insert(account.id.as_bytes(), encode(&account)?)?;
+                    .insert(account.id.as_bytes(), encode_account(&account)?)?;
                 Ok((account, previous.phone_number_id))
             })
             .await?;
@@ -185,7 +227,7 @@ impl Store {
                 let Some(bytes) = trees.accounts.get(id.as_bytes())? else {
                     return Ok(None);
                 };
-                let account: Account = decode(&bytes)?;
+                let account = decode_account(&bytes)?;
                 // Keys first and the account last: if the process dies in between, the account
                 // is still there to delete again, and no key has kept a scope it should lose.
                 let mut narrowed = Vec::new();
@@ -318,5 +360,51 @@ impl Store {
             .remove(&api_key.key_hash);
         self.durable().await?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An account record exactly as the stores written before `AccountRecord` hold it (the
+    /// derived `Serialize` of `Account`, whose `Secret` wrote its plaintext).
+    const RECORD_OF_THE_FIRST_LAYOUT: &str = concat!(
+        r#"{"id":"acc_1","name":"Shop","phone_number_id":"106540352242922","#,
+        r#""waba_id":"102290129340398","display_phone_number":"+1 650-555-1234","#,
+        r#""access_token":"EAAG-stored-token","#,
+        r#""metadata":{"meta_capi_dataset_id":"42","connected_facebook_page_id":null},"#,
+        r#""forward_automatic_events":true,"created_at":1750000000,"updated_at":1750000001}"#
+    );
+
+    #[test]
+    fn a_record_of_the_first_layout_keeps_its_token_and_encodes_back_to_the_same_bytes() {
+        let account = decode_account(RECORD_OF_THE_FIRST_LAYOUT.as_bytes()).unwrap();
+        assert_eq!(account.access_token.expose(), "EAAG-stored-token");
+        assert_eq!(account.phone_number_id, "106540352242922");
+        assert_eq!(account.metadata.meta_capi_dataset_id.as_deref(), Some("42"));
+        assert!(account.forward_automatic_events);
+        assert_eq!(account.updated_at, 1_750_000_001);
+        let encoded = encode_account(&account).unwrap();
+        assert_eq!(
+            String::from_utf8(encoded).unwrap(),
+            RECORD_OF_THE_FIRST_LAYOUT
+        );
+    }
+
+    #[test]
+    fn a_record_from_before_automatic_events_opens_with_them_off() {
+        let record = RECORD_OF_THE_FIRST_LAYOUT.replace(r#""forward_automatic_events":true,"#, "");
+        let account = decode_account(record.as_bytes()).unwrap();
+        assert!(!account.forward_automatic_events);
+        assert_eq!(account.access_token.expose(), "EAAG-stored-token");
+    }
+
+    #[test]
+    fn an_account_never_prints_its_token() {
+        let account = decode_account(RECORD_OF_THE_FIRST_LAYOUT.as_bytes()).unwrap();
+        let shown = format!("{account:?} {account:#?}");
+        assert!(!shown.contains("EAAG-stored-token"), "{shown}");
+        assert!(shown.contains("REDACTED"), "{shown}");
     }
 }

@@ -12,7 +12,7 @@ use sha2::Sha256;
 
 use crate::error::{ApiError, Code};
 use crate::secret::Secret;
-use crate::startup::AppState;
+use crate::ingest::{self, Rejection};
 
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 
@@ -33,7 +33,8 @@ pub fn verify_signature(secrets: &[Secret], header: &str, body: &[u8]) -> bool {
     })
 }
 
-/// A webhook body whose signature matched one of the configured app secrets.
+/// A webhook body whose signature matched one of the configured app secrets. Needs the
+/// [`ingest::Service`](crate::ingest::Service) registered as app data.
 pub struct VerifiedWebhook(pub Bytes);
 
 impl FromRequest for VerifiedWebhook {
@@ -41,19 +42,21 @@ impl FromRequest for VerifiedWebhook {
     type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
 
     fn from_request(request: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let state = request
-            .app_data::<web::Data<AppState>>()
+        let service = request
+            .app_data::<web::Data<ingest::Service>>()
             .cloned()
-            .expect("AppState is registered");
+            .expect("the ingest service is registered");
         let header = request
             .headers()
             .get(SIGNATURE_HEADER)
             .map(|value| value.to_str().unwrap_or("").to_string());
         let body = Bytes::from_request(request, payload);
         Box::pin(async move {
-            state.metrics.webhook_received();
-            if state.settings.app_secrets.is_empty() {
-                state.metrics.webhook_rejected("not_configured");
+            let metrics = service.metrics();
+            metrics.webhook_received();
+            // Refused before the body is read when no secret could ever verify it.
+            if !service.accepts_webhooks() {
+                metrics.webhook_rejected(Rejection::NotConfigured.reason());
                 return Err(ApiError::new(Code::WebhookNotConfigured));
             }
             let body = match body.await {
@@ -61,24 +64,21 @@ impl FromRequest for VerifiedWebhook {
                 Err(error) => {
                     let status = error.as_response_error().status_code();
                     if status == StatusCode::PAYLOAD_TOO_LARGE {
-                        state.metrics.webhook_rejected("too_large");
+                        metrics.webhook_rejected("too_large");
                         return Err(ApiError::new(Code::PayloadTooLarge)
                             .message("webhook bodies are limited to 4 MiB"));
                     }
-                    state.metrics.webhook_rejected("unreadable");
+                    metrics.webhook_rejected("unreadable");
                     return Err(ApiError::new(Code::UnreadableBody)
                         .message(format!("the request body could not be read: {error}")));
                 }
             };
-            let Some(header) = header else {
-                state.metrics.webhook_rejected("missing_signature");
-                return Err(ApiError::new(Code::MissingSignature));
-            };
-            if !verify_signature(&state.settings.app_secrets, &header, &body) {
-                state.metrics.webhook_rejected("invalid_signature");
-                return Err(ApiError::new(Code::InvalidSignature));
+            match service.verify(header.as_deref(), &body) {
+                Ok(()) => Ok(VerifiedWebhook(body)),
+                Err(Rejection::NotConfigured) => Err(ApiError::new(Code::WebhookNotConfigured)),
+                Err(Rejection::MissingSignature) => Err(ApiError::new(Code::MissingSignature)),
+                Err(Rejection::InvalidSignature) => Err(ApiError::new(Code::InvalidSignature)),
             }
-            Ok(VerifiedWebhook(body))
         })
     }
 }

@@ -1,6 +1,10 @@
-//! Webhook ingestion into attribution state, and the lookups that read it back.
+//! The webhook journal and the attribution state in sled, and the unit of work the ingest
+//! rules run over.
 //!
 //! Keys (parts joined by NUL):
+//! - `journal`: sequence (8 bytes BE) → receive time (8 bytes BE) ++ raw body
+//! - `unparseable`: sequence → (), for bodies that are not webhooks
+//! - `unrouted`: phone number id, NUL, sequence → (), for bodies held for a number without account
 //! - `users`: account, user key → [`UserRecord`]
 //! - `phone_index`: phone digits, account → user key
 //! - `bsuid_index`: BSUID, account → user key
@@ -8,79 +12,26 @@
 //! - `messages`: account, wamid → message timestamp (8 bytes BE) ++ conversation id
 //! - `pending_events`: account, wamid, event name → [`AutomaticEvent`] whose message is unseen
 
-use serde::{Deserialize, Serialize};
+use bytes::Bytes;
 
+use super::unit::{TreeName, Tx};
 use super::{decode, encode, key, prefix, Store, StoreError, Trees};
-use crate::attribution::{
-    self, AutomaticEvent, ChangeGroup, Conversation, InboundMessage, Placement,
-};
-use crate::domain::ids;
-
-/// A WhatsApp user of one account.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UserRecord {
-    pub account_id: String,
-    pub key: String,
-    pub wa_id: Option<String>,
-    pub bsuid: Option<String>,
-    pub name: Option<String>,
-    pub conversation_ids: Vec<String>,
-}
-
-/// Reads a webhook body (and its receive time) into changes; `None` when it is not JSON or not
-/// shaped like a webhook.
-pub type WebhookParser = fn(&[u8], i64) -> Option<Vec<ChangeGroup>>;
-
-/// What ingestion did, for metrics and logs.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct IngestReport {
-    pub journal_seq: u64,
-    pub unparseable: bool,
-    pub unrouted_changes: u64,
-    pub messages: u64,
-    pub duplicate_messages: u64,
-    pub messages_without_user: u64,
-    pub clicks_with_clid: u64,
-    pub clicks_without_clid: u64,
-    pub conversations_opened: u64,
-    pub automatic_events: u64,
-    pub automatic_events_pending: u64,
-    pub duplicate_automatic_events: u64,
-    /// Automatic events newly kept on a conversation, for accounts that forward them.
-    pub matched_automatic_events: Vec<(String, String, AutomaticEvent)>,
-}
-
-impl IngestReport {
-    fn absorb(&mut self, other: IngestReport) {
-        self.unrouted_changes += other.unrouted_changes;
-        self.messages += other.messages;
-        self.duplicate_messages += other.duplicate_messages;
-        self.messages_without_user += other.messages_without_user;
-        self.clicks_with_clid += other.clicks_with_clid;
-        self.clicks_without_clid += other.clicks_without_clid;
-        self.conversations_opened += other.conversations_opened;
-        self.automatic_events += other.automatic_events;
-        self.automatic_events_pending += other.automatic_events_pending;
-        self.duplicate_automatic_events += other.duplicate_automatic_events;
-        self.matched_automatic_events
-            .extend(other.matched_automatic_events);
-    }
-}
+use crate::attribution::{AutomaticEvent, Conversation};
+use crate::domain::user::UserRecord;
+use crate::ingest::IngestReport;
+use crate::store::{AttributionUnit, JournaledWebhook, SeenMessage, UnitOfWork};
 
 impl Store {
-    /// Journals a verified webhook body, then applies every change whose business number has an
-    /// account; the others are marked unrouted for replay when the account is added. The caller
-    /// makes it durable with [`Store::durable`] before answering.
-    pub async fn record_webhook(
+    /// Journals a verified body (in parallel with other requests, on the blocking pool), then
+    /// runs `apply` as one unit on the writer thread, then waits for both to be durable.
+    pub(super) async fn journal_and_apply(
         &self,
-        raw: bytes::Bytes,
+        raw: Bytes,
         received_at: i64,
-        parse: WebhookParser,
-        window_secs: i64,
-    ) -> Result<IngestReport, StoreError> {
-        // Journaling and parsing run in parallel on the blocking pool; only applying the
-        // changes goes through the writer thread.
-        let (seq, groups) = self
+        apply: Option<UnitOfWork>,
+    ) -> Result<(u64, IngestReport), StoreError> {
+        let parseable = apply.is_some();
+        let seq = self
             .run(move |inner| {
                 let trees = &inner.trees;
                 let seq = trees.db.generate_id()?;
@@ -88,91 +39,39 @@ impl Store {
                 entry.extend_from_slice(&received_at.to_be_bytes());
                 entry.extend_from_slice(&raw);
                 trees.journal.insert(seq.to_be_bytes(), entry)?;
-                let groups = parse(&raw, received_at);
-                if groups.is_none() {
+                if !parseable {
                     trees.unparseable.insert(seq.to_be_bytes(), &[])?;
                 }
-                Ok((seq, groups))
+                Ok(seq)
             })
             .await?;
-        let Some(groups) = groups else {
-            return Ok(IngestReport {
-                journal_seq: seq,
-                unparseable: true,
-                ..IngestReport::default()
-            });
-        };
-        let store = self.clone();
-        self.write(move |inner| {
-            let trees = &inner.trees;
-            let mut report = IngestReport {
-                journal_seq: seq,
-                ..IngestReport::default()
-            };
-            for group in groups {
-                // Statuses, echoes and other changes without inbound items change nothing.
-                if group.messages.is_empty() && group.automatic_events.is_empty() {
-                    continue;
-                }
-                match store.account_by_phone_number_id(&group.phone_number_id) {
-                    Some(account) => {
-                        let group_report = ingest_group(trees, &account.id, group, window_secs)?;
-                        report.absorb(group_report);
-                    }
-                    None => {
-                        let mut unrouted_key = prefix(&[&group.phone_number_id]);
-                        unrouted_key.extend_from_slice(&seq.to_be_bytes());
-                        trees.unrouted.insert(unrouted_key, &[])?;
-                        report.unrouted_changes += 1;
-                    }
-                }
+        let report = match apply {
+            Some(apply) => {
+                self.commit(move |tx| {
+                    apply(&mut SledUnit {
+                        tx,
+                        journal_seq: Some(seq),
+                    })
+                })
+                .await?
             }
-            Ok(report)
-        })
-        .await
+            None => {
+                self.durable().await?;
+                IngestReport::default()
+            }
+        };
+        Ok((seq, report))
     }
 
-    /// Processes every journaled change held for `phone_number_id`, now that its account exists.
-    /// `parse` turns a journaled body and its receive time back into changes.
-    pub async fn replay_unrouted(
-        &self,
-        phone_number_id: String,
-        parse: WebhookParser,
-        window_secs: i64,
-    ) -> Result<IngestReport, StoreError> {
-        let store = self.clone();
-        self.write(move |inner| {
-            let trees = &inner.trees;
-            let Some(account) = store.account_by_phone_number_id(&phone_number_id) else {
-                return Ok(IngestReport::default());
-            };
-            let mut report = IngestReport::default();
-            let held_prefix = prefix(&[&phone_number_id]);
-            for item in trees.unrouted.scan_prefix(&held_prefix) {
-                let (unrouted_key, _) = item?;
-                let seq = &unrouted_key[held_prefix.len()..];
-                if let Some(entry) = trees.journal.get(seq)? {
-                    if entry.len() < 8 {
-                        return Err(StoreError::Corrupt("a journal entry is truncated".into()));
-                    }
-                    let received_at =
-                        i64::from_be_bytes(entry[..8].try_into().expect("eight bytes"));
-                    for group in parse(&entry[8..], received_at).unwrap_or_default() {
-                        if group.phone_number_id == phone_number_id {
-                            report.absorb(ingest_group(trees, &account.id, group, window_secs)?);
-                        }
-                    }
-                }
-                trees.unrouted.remove(&unrouted_key)?;
-            }
-            Ok(report)
-        })
-        .await
+    /// Runs `work` as one unit; durable on return.
+    pub(super) async fn unit(&self, work: UnitOfWork) -> Result<IngestReport, StoreError> {
+        self.commit(move |tx| work(&mut SledUnit { tx, journal_seq: None }))
+            .await
     }
 
     /// Deletes journal entries received before `cutoff` (unix seconds), except bodies still held
     /// for a number without an account. At most `limit` per call; returns how many went.
-    pub async fn prune_journal(&self, cutoff: i64, limit: usize) -> Result<u64, StoreError> {
+    pub(super) async fn prune_journal(&self, cutoff: i64, limit: usize) -> Result<u64, StoreError> {
         self.run(move |inner| {
             let trees = &inner.trees;
             let mut held = std::collections::HashSet::new();
@@ -205,7 +104,7 @@ impl Store {
         .await
     }
 
-    pub async fn conversation(&self, id: String) -> Result<Option<Conversation>, StoreError> {
+    pub(super) async fn conversation(&self, id: String) -> Result<Option<Conversation>, StoreError> {
         self.run(move |inner| {
             inner
                 .trees
@@ -217,7 +116,7 @@ impl Store {
         .await
     }
 
-    pub async fn user(
+    pub(super) async fn user(
         &self,
         account_id: String,
         user_key: String,
@@ -235,11 +134,11 @@ impl Store {
 
     /// Every user known by this phone number or BSUID, with their conversations (newest first),
     /// on the accounts `visible` accepts.
-    pub async fn users_with_conversations(
+    pub(super) async fn users_with_conversations(
         &self,
         phone: Option<String>,
         bsuid: Option<String>,
-        visible: impl Fn(&str) -> bool + Send + 'static,
+        visible: crate::store::AccountFilter,
     ) -> Result<Vec<(UserRecord, Vec<Conversation>)>, StoreError> {
         self.run(move |inner| {
             let trees = &inner.trees;
@@ -264,7 +163,7 @@ impl Store {
                     continue;
                 };
                 let user: UserRecord = decode(&bytes)?;
-                let mut conversations = load_conversations(trees, &user.conversation_ids)?;
+                let mut conversations = load_conversations(trees, user.conversation_ids())?;
                 conversations
                     .sort_by_key(|conversation| std::cmp::Reverse(conversation.started_at));
                 results.push((user, conversations));
@@ -276,7 +175,7 @@ impl Store {
 
     /// The conversations of the user this phone number names on the account; `None` when the
     /// phone has no user there.
-    pub async fn phone_conversations(
+    pub(super) async fn phone_conversations(
         &self,
         account_id: String,
         phone: String,
@@ -291,32 +190,7 @@ impl Store {
                 return Ok(None);
             };
             let user: UserRecord = decode(&bytes)?;
-            load_conversations(trees, &user.conversation_ids).map(Some)
-        })
-        .await
-    }
-
-    /// SPEC §5.2 rule 6: the phone's conversation on this account whose click-id attribution is
-    /// the most recent. `Ok(None)` when the phone has conversations but none with a click id is
-    /// told apart by the caller through [`Store::users_with_conversations`].
-    pub async fn most_recent_attributed_conversation(
-        &self,
-        account_id: String,
-        phone: String,
-    ) -> Result<(bool, Option<Conversation>), StoreError> {
-        self.run(move |inner| {
-            let trees = &inner.trees;
-            let Some(user_key) = trees.phone_index.get(key(&[&phone, &account_id]))? else {
-                return Ok((false, None));
-            };
-            let user_key = String::from_utf8_lossy(&user_key).into_owned();
-            let Some(bytes) = trees.users.get(key(&[&account_id, &user_key]))? else {
-                return Ok((false, None));
-            };
-            let user: UserRecord = decode(&bytes)?;
-            let conversations = load_conversations(trees, &user.conversation_ids)?;
-            let chosen = attribution::most_recent_attributed(&conversations).cloned();
-            Ok((!conversations.is_empty(), chosen))
+            load_conversations(trees, user.conversation_ids()).map(Some)
         })
         .await
     }
@@ -332,215 +206,184 @@ fn load_conversations(trees: &Trees, ids: &[String]) -> Result<Vec<Conversation>
     Ok(conversations)
 }
 
-/// Applies one change to the attribution state. Runs on the writer thread.
-///
-/// Each message writes its conversation and user first and its message-id marker last, so a
-/// crash between them makes the redelivered message run again instead of being skipped as a
-/// duplicate; the attribution rules are idempotent for a repeated message.
-fn ingest_group(
-    trees: &Trees,
-    account_id: &str,
-    group: ChangeGroup,
-    window_secs: i64,
-) -> Result<IngestReport, StoreError> {
-    let mut report = IngestReport::default();
-    for message in group.messages {
-        ingest_message(trees, account_id, message, window_secs, &mut report)?;
+
+fn journal_entry(entry: &[u8]) -> Result<JournaledWebhook, StoreError> {
+    if entry.len() < 8 {
+        return Err(StoreError::Corrupt("a journal entry is truncated".into()));
     }
-    for event in group.automatic_events {
-        ingest_automatic_event(trees, account_id, event, &mut report)?;
-    }
-    Ok(report)
+    Ok(JournaledWebhook {
+        received_at: i64::from_be_bytes(entry[..8].try_into().expect("eight bytes")),
+        body: entry[8..].to_vec(),
+    })
 }
 
-fn ingest_message(
-    trees: &Trees,
-    account_id: &str,
-    message: InboundMessage,
-    window_secs: i64,
-    report: &mut IngestReport,
-) -> Result<(), StoreError> {
-    let message_key = key(&[account_id, &message.message_id]);
-    if trees.messages.contains_key(&message_key)? {
-        report.duplicate_messages += 1;
-        return Ok(());
-    }
-    let Some(mut user) = resolve_user(trees, account_id, &message)? else {
-        report.messages_without_user += 1;
-        return Ok(());
-    };
-    report.messages += 1;
-    match message
-        .click
-        .as_ref()
-        .map(|click| click.ctwa_clid.is_some())
-    {
-        Some(true) => report.clicks_with_clid += 1,
-        Some(false) => report.clicks_without_clid += 1,
-        None => {}
-    }
-    let mut conversations = load_conversations(trees, &user.conversation_ids)?;
-    let carries_ctwa_clid = message
-        .click
-        .as_ref()
-        .is_some_and(|click| click.ctwa_clid.is_some());
-    let index = match attribution::place_inbound(
-        &conversations,
-        message.timestamp,
-        carries_ctwa_clid,
-        window_secs,
-    ) {
-        Placement::Existing(index) => index,
-        Placement::New => {
-            let conversation = Conversation::open(
-                ids::generate("conv"),
-                account_id.to_string(),
-                user.key.clone(),
-                message.timestamp,
-            );
-            user.conversation_ids.push(conversation.id.clone());
-            conversations.push(conversation);
-            report.conversations_opened += 1;
-            conversations.len() - 1
-        }
-    };
-    let conversation = &mut conversations[index];
-    attribution::record_inbound(conversation, message.timestamp, message.click);
-
-    // Automatic events that arrived before this message.
-    let pending_prefix = prefix(&[account_id, &message.message_id]);
-    for item in trees.pending_events.scan_prefix(&pending_prefix) {
-        let (pending_key, bytes) = item?;
-        let event: AutomaticEvent = decode(&bytes)?;
-        if attribution::apply_automatic_event(conversation, event.clone(), message.timestamp) {
-            report.automatic_events += 1;
-            report.matched_automatic_events.push((
-                account_id.to_string(),
-                conversation.id.clone(),
-                event,
-            ));
-        }
-        trees.pending_events.remove(pending_key)?;
-    }
-
-    trees
-        .conversations
-        .insert(conversation.id.as_bytes(), encode(&*conversation)?)?;
-    trees
-        .users
-        .insert(key(&[account_id, &user.key]), encode(&user)?)?;
-    let mut marker = Vec::with_capacity(8 + conversation.id.len());
-    marker.extend_from_slice(&message.timestamp.to_be_bytes());
-    marker.extend_from_slice(conversation.id.as_bytes());
-    trees.messages.insert(message_key, marker)?;
-    Ok(())
+/// The attribution state as one unit of work sees it.
+struct SledUnit<'u, 'a> {
+    tx: &'u mut Tx<'a>,
+    /// The journal entry of the webhook this unit records, if it records one.
+    journal_seq: Option<u64>,
 }
 
-fn ingest_automatic_event(
-    trees: &Trees,
-    account_id: &str,
-    event: AutomaticEvent,
-    report: &mut IngestReport,
-) -> Result<(), StoreError> {
-    let Some(marker) = trees.messages.get(key(&[account_id, &event.message_id]))? else {
-        let pending_key = key(&[account_id, &event.message_id, &event.event_name]);
-        if trees
-            .pending_events
-            .insert(pending_key, encode(&event)?)?
-            .is_some()
-        {
-            report.duplicate_automatic_events += 1;
-        } else {
-            report.automatic_events_pending += 1;
+impl SledUnit<'_, '_> {
+    fn user_by_index(
+        &mut self,
+        index: TreeName,
+        id: &str,
+        account_id: &str,
+    ) -> Result<Option<UserRecord>, StoreError> {
+        let Some(user_key) = self.tx.get(index, &key(&[id, account_id]))? else {
+            return Ok(None);
+        };
+        let user_key = String::from_utf8_lossy(&user_key).into_owned();
+        match self.tx.get(TreeName::Users, &key(&[account_id, &user_key]))? {
+            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            None => Err(StoreError::Corrupt(format!(
+                "an index points at missing user {user_key}"
+            ))),
         }
-        return Ok(());
-    };
-    if marker.len() < 8 {
-        return Err(StoreError::Corrupt("a message marker is truncated".into()));
     }
-    let message_timestamp = i64::from_be_bytes(marker[..8].try_into().expect("eight bytes"));
-    let conversation_id = String::from_utf8_lossy(&marker[8..]).into_owned();
-    let Some(bytes) = trees.conversations.get(conversation_id.as_bytes())? else {
-        return Err(StoreError::Corrupt(format!(
-            "message marker points at missing conversation {conversation_id}"
-        )));
-    };
-    let mut conversation: Conversation = decode(&bytes)?;
-    if !attribution::apply_automatic_event(&mut conversation, event.clone(), message_timestamp) {
-        report.duplicate_automatic_events += 1;
-        return Ok(());
-    }
-    report.automatic_events += 1;
-    trees
-        .conversations
-        .insert(conversation.id.as_bytes(), encode(&conversation)?)?;
-    report
-        .matched_automatic_events
-        .push((account_id.to_string(), conversation.id, event));
-    Ok(())
 }
 
-/// Finds the user a message comes from by phone, then by BSUID, creating one if new, and learns
-/// any identifier or profile name the message adds. `None` when the message names no user.
-fn resolve_user(
-    trees: &Trees,
-    account_id: &str,
-    message: &InboundMessage,
-) -> Result<Option<UserRecord>, StoreError> {
-    let by_phone = match &message.wa_id {
-        Some(wa_id) => trees.phone_index.get(key(&[wa_id, account_id]))?,
-        None => None,
-    };
-    let by_bsuid = match (&by_phone, &message.bsuid) {
-        (None, Some(bsuid)) => trees.bsuid_index.get(key(&[bsuid, account_id]))?,
-        _ => None,
-    };
-    let known_key = by_phone
-        .or(by_bsuid)
-        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
-    let mut user = match known_key {
-        Some(user_key) => match trees.users.get(key(&[account_id, &user_key]))? {
-            Some(bytes) => decode(&bytes)?,
-            None => {
-                return Err(StoreError::Corrupt(format!(
-                    "an index points at missing user {user_key}"
-                )))
+impl AttributionUnit for SledUnit<'_, '_> {
+    fn account_for_number(&mut self, phone_number_id: &str) -> Option<String> {
+        let caches = self.tx.inner.caches.read().expect("cache lock poisoned");
+        caches.account_by_phone_number_id.get(phone_number_id).cloned()
+    }
+
+    fn hold_for_number(&mut self, phone_number_id: &str) -> Result<(), StoreError> {
+        let seq = self.journal_seq.ok_or_else(|| {
+            StoreError::Corrupt("only a unit that records a webhook can hold it".into())
+        })?;
+        let mut held_key = prefix(&[phone_number_id]);
+        held_key.extend_from_slice(&seq.to_be_bytes());
+        self.tx.insert(TreeName::Unrouted, held_key, Vec::new());
+        Ok(())
+    }
+
+    fn take_held_for_number(
+        &mut self,
+        phone_number_id: &str,
+    ) -> Result<Vec<JournaledWebhook>, StoreError> {
+        let held_prefix = prefix(&[phone_number_id]);
+        let mut held = Vec::new();
+        for (held_key, _) in self.tx.scan_prefix(TreeName::Unrouted, &held_prefix)? {
+            let seq = &held_key[held_prefix.len()..];
+            if let Some(entry) = self.tx.trees().journal.get(seq)? {
+                held.push(journal_entry(&entry)?);
             }
-        },
-        None => {
-            let user_key = match (&message.wa_id, &message.bsuid) {
-                (Some(wa_id), _) => format!("wa:{wa_id}"),
-                (None, Some(bsuid)) => format!("bsuid:{bsuid}"),
-                (None, None) => return Ok(None),
-            };
-            UserRecord {
-                account_id: account_id.to_string(),
-                key: user_key,
-                wa_id: None,
-                bsuid: None,
-                name: None,
-                conversation_ids: Vec::new(),
+            self.tx.remove(TreeName::Unrouted, held_key);
+        }
+        Ok(held)
+    }
+
+    fn seen_message(
+        &mut self,
+        account_id: &str,
+        message_id: &str,
+    ) -> Result<Option<SeenMessage>, StoreError> {
+        let Some(marker) = self.tx.get(TreeName::Messages, &key(&[account_id, message_id]))? else {
+            return Ok(None);
+        };
+        if marker.len() < 8 {
+            return Err(StoreError::Corrupt("a message marker is truncated".into()));
+        }
+        Ok(Some(SeenMessage {
+            timestamp: i64::from_be_bytes(marker[..8].try_into().expect("eight bytes")),
+            conversation_id: String::from_utf8_lossy(&marker[8..]).into_owned(),
+        }))
+    }
+
+    fn mark_message_seen(
+        &mut self,
+        account_id: &str,
+        message_id: &str,
+        seen: &SeenMessage,
+    ) -> Result<(), StoreError> {
+        let mut marker = Vec::with_capacity(8 + seen.conversation_id.len());
+        marker.extend_from_slice(&seen.timestamp.to_be_bytes());
+        marker.extend_from_slice(seen.conversation_id.as_bytes());
+        self.tx
+            .insert(TreeName::Messages, key(&[account_id, message_id]), marker);
+        Ok(())
+    }
+
+    fn user_by_phone(
+        &mut self,
+        account_id: &str,
+        wa_id: &str,
+    ) -> Result<Option<UserRecord>, StoreError> {
+        self.user_by_index(TreeName::PhoneIndex, wa_id, account_id)
+    }
+
+    fn user_by_bsuid(
+        &mut self,
+        account_id: &str,
+        bsuid: &str,
+    ) -> Result<Option<UserRecord>, StoreError> {
+        self.user_by_index(TreeName::BsuidIndex, bsuid, account_id)
+    }
+
+    fn put_user(&mut self, user: &UserRecord) -> Result<(), StoreError> {
+        let user_key = key(&[user.account_id(), user.key()]);
+        let previous: Option<UserRecord> = self
+            .tx
+            .get(TreeName::Users, &user_key)?
+            .map(|bytes| decode(&bytes))
+            .transpose()?;
+        let indexes = [
+            (TreeName::PhoneIndex, user.wa_id(), previous.as_ref().and_then(UserRecord::wa_id)),
+            (TreeName::BsuidIndex, user.bsuid(), previous.as_ref().and_then(UserRecord::bsuid)),
+        ];
+        for (index, id, indexed) in indexes {
+            if let Some(id) = id {
+                if Some(id) != indexed {
+                    self.tx
+                        .insert(index, key(&[id, user.account_id()]), user.key().as_bytes());
+                }
             }
         }
-    };
-    if let Some(wa_id) = &message.wa_id {
-        if user.wa_id.as_ref() != Some(wa_id) {
-            user.wa_id = Some(wa_id.clone());
-            trees
-                .phone_index
-                .insert(key(&[wa_id, account_id]), user.key.as_bytes())?;
+        self.tx.insert(TreeName::Users, user_key, encode(user)?);
+        Ok(())
+    }
+
+    fn conversation(&mut self, id: &str) -> Result<Option<Conversation>, StoreError> {
+        self.tx
+            .get(TreeName::Conversations, id.as_bytes())?
+            .map(|bytes| decode(&bytes))
+            .transpose()
+    }
+
+    fn put_conversation(&mut self, conversation: &Conversation) -> Result<(), StoreError> {
+        self.tx.insert(
+            TreeName::Conversations,
+            conversation.id.as_bytes(),
+            encode(conversation)?,
+        );
+        Ok(())
+    }
+
+    fn hold_event(
+        &mut self,
+        account_id: &str,
+        event: &AutomaticEvent,
+    ) -> Result<bool, StoreError> {
+        let held_key = key(&[account_id, &event.message_id, &event.event_name]);
+        let known = self.tx.contains_key(TreeName::PendingEvents, &held_key)?;
+        self.tx.insert(TreeName::PendingEvents, held_key, encode(event)?);
+        Ok(!known)
+    }
+
+    fn take_held_events(
+        &mut self,
+        account_id: &str,
+        message_id: &str,
+    ) -> Result<Vec<AutomaticEvent>, StoreError> {
+        let held_prefix = prefix(&[account_id, message_id]);
+        let mut events = Vec::new();
+        for (held_key, bytes) in self.tx.scan_prefix(TreeName::PendingEvents, &held_prefix)? {
+            events.push(decode(&bytes)?);
+            self.tx.remove(TreeName::PendingEvents, held_key);
         }
+        Ok(events)
     }
-    if let Some(bsuid) = &message.bsuid {
-        if user.bsuid.as_ref() != Some(bsuid) {
-            user.bsuid = Some(bsuid.clone());
-            trees
-                .bsuid_index
-                .insert(key(&[bsuid, account_id]), user.key.as_bytes())?;
-        }
-    }
-    if message.profile_name.is_some() {
-        user.name = message.profile_name.clone();
-    }
-    Ok(Some(user))
 }

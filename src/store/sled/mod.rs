@@ -1,4 +1,5 @@
-//! The embedded store: sled, its trees and key encodings, and the flush discipline.
+//! The sled implementation of the storage seam: its trees, key encodings, units of work and
+//! the flush discipline.
 //!
 //! Nothing outside this module touches sled. Every public method is `async` and runs its sled
 //! calls on the blocking pool, so the executor is never blocked. Writes become durable only when
@@ -6,10 +7,14 @@
 //! (group commit). sled 0.34's `flush_async` is deliberately not used: it deadlocks when several
 //! flushes are awaited at once (spacejam/sled#1241).
 
+#[path = "../accounts.rs"]
 mod accounts;
+mod attribution;
+#[path = "../conversions.rs"]
 mod conversions;
-mod ingest;
 mod open;
+mod seam;
+mod unit;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,11 +25,10 @@ use tokio::sync::oneshot;
 
 use crate::domain::account::{Account, ApiKey};
 
-pub use conversions::{
-    Begin, ConversionFailure, ConversionRecord, ConversionSource, ConversionStatus, NewConversion,
-};
-pub use ingest::{IngestReport, UserRecord, WebhookParser};
 pub use open::MARKER_FILE;
+
+use super::StoreError;
+use unit::Tx;
 
 /// The on-disk layout this build reads and writes. Bump it with a migration when key encodings
 /// or record shapes change incompatibly.
@@ -34,66 +38,6 @@ const LAYOUT_KEY: &[u8] = b"layout_version";
 
 /// How long `/healthz` waits for its probe of a failed store.
 const LIVENESS_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("the embedded store failed")]
-    Sled(#[from] sled::Error),
-    #[error("a stored record is corrupt: {0}")]
-    Corrupt(String),
-    #[error("the store at {path} has layout version {found}, this build reads version {expected}; run the matching ctwa-relay release or migrate the data first")]
-    LayoutVersion {
-        path: String,
-        found: String,
-        expected: u32,
-    },
-    #[error("flushing the store to disk failed: {0}")]
-    Flush(String),
-    #[error("{context}")]
-    Io {
-        context: String,
-        #[source]
-        error: std::io::Error,
-    },
-    #[error("the store in {path} cannot be opened safely: found {found}. ctwa-relay refuses to start rather than serve an empty or partial store. {recovery}")]
-    Damaged {
-        path: String,
-        found: String,
-        recovery: String,
-    },
-    #[error("{path} holds a store that this build does not read ({marker}); run the release that wrote it, or point CTWA_DATA_DIR at another directory")]
-    ForeignStore { path: String, marker: String },
-    #[error("{path} holds files that are not a ctwa-relay store ({entries}); point CTWA_DATA_DIR at an empty or new directory, or at an existing store")]
-    NotAStore { path: String, entries: String },
-    #[error("only {free_mib:.2} MiB is free on the file system of {path}, below CTWA_MIN_FREE_MB ({min_free_mb} MiB): sled writes a snapshot while it opens, and one cut short by a full disk leaves the store unopenable; free some space or grow the disk, then start again")]
-    LowDiskSpace {
-        path: String,
-        free_mib: f64,
-        min_free_mb: u64,
-    },
-    #[error("the store's background task stopped")]
-    TaskGone,
-    #[error("{0}")]
-    Conflict(String),
-    /// The id belonged to a deleted account: its data is kept under it, so it is never reused.
-    #[error("{0}")]
-    AccountIdRetired(String),
-}
-
-impl StoreError {
-    /// True for errors that mean the disk or sled refused to write, flush or read: the ones that
-    /// make the store "failed" until a probe succeeds. Conflicts and bad records are not.
-    pub fn is_store_failure(&self) -> bool {
-        match self {
-            StoreError::Sled(error) => matches!(
-                error,
-                sled::Error::Io(_) | sled::Error::Corruption { .. } | sled::Error::ReportableBug(_)
-            ),
-            StoreError::Flush(_) | StoreError::Io { .. } | StoreError::TaskGone => true,
-            _ => false,
-        }
-    }
-}
 
 /// sled's `flush()` and, after it, an fsync of its `db` file.
 ///
@@ -226,13 +170,16 @@ struct Inner {
     failure: Mutex<Option<String>>,
 }
 
-/// The handle to the store; cheap to clone.
+/// The sled store; cheap to clone.
 #[derive(Clone)]
-pub struct Store {
+pub struct SledStore {
     inner: Arc<Inner>,
 }
 
-impl Store {
+/// The name the engine's own files use for it.
+type Store = SledStore;
+
+impl SledStore {
     /// Opens (or creates) the store in `path`, checks its layout version and loads the caches.
     /// Refuses a store that existed but cannot be read or reads as empty (see [`open`]).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -342,6 +289,33 @@ impl Store {
             Err(_) => Err(StoreError::TaskGone),
         };
         self.noted(outcome)
+    }
+
+    /// Runs `work` on the writer thread as one unit: its writes are buffered in a [`Tx`] and
+    /// applied in one sled transaction, all or nothing. Not yet durable: see [`Self::commit`].
+    async fn apply_unit<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.write(move |inner| {
+            let mut tx = Tx::new(inner);
+            let value = work(&mut tx)?;
+            tx.apply()?;
+            Ok(value)
+        })
+        .await
+    }
+
+    /// [`Self::apply_unit`], then durable before it returns: the seam's convention for writes.
+    async fn commit<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let value = self.apply_unit(work).await?;
+        self.durable().await?;
+        Ok(value)
     }
 
     /// Returns once every write made before the call is on disk. Concurrent callers share one

@@ -1,0 +1,148 @@
+//! A unit of work on the writer thread: reads see the unit's own writes, and the writes are
+//! applied together in one sled transaction, so a crash keeps all of a unit or none of it.
+//!
+//! Every unit runs on the one writer thread, so nothing else changes these trees while a unit
+//! reads them; the transaction only has to make the unit's writes atomic, and it holds no reads.
+
+use std::collections::BTreeMap;
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use super::{Inner, StoreError, Trees};
+
+/// The trees a unit may write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum TreeName {
+    Accounts,
+    AccountByPhoneNumberId,
+    RetiredAccounts,
+    ApiKeys,
+    Users,
+    PhoneIndex,
+    BsuidIndex,
+    Conversations,
+    Messages,
+    PendingEvents,
+    Unrouted,
+    ConversionRecords,
+    ConversionHistory,
+    ConversionByConversation,
+    Outbox,
+}
+
+impl Trees {
+    pub(crate) fn named(&self, name: TreeName) -> &sled::Tree {
+        match name {
+            TreeName::Accounts => &self.accounts,
+            TreeName::AccountByPhoneNumberId => &self.account_by_phone_number_id,
+            TreeName::RetiredAccounts => &self.retired_accounts,
+            TreeName::ApiKeys => &self.api_keys,
+            TreeName::Users => &self.users,
+            TreeName::PhoneIndex => &self.phone_index,
+            TreeName::BsuidIndex => &self.bsuid_index,
+            TreeName::Conversations => &self.conversations,
+            TreeName::Messages => &self.messages,
+            TreeName::PendingEvents => &self.pending_events,
+            TreeName::Unrouted => &self.unrouted,
+            TreeName::ConversionRecords => &self.conversion_records,
+            TreeName::ConversionHistory => &self.conversion_history,
+            TreeName::ConversionByConversation => &self.conversion_by_conversation,
+            TreeName::Outbox => &self.outbox,
+        }
+    }
+}
+
+pub(crate) struct Tx<'a> {
+    pub(crate) inner: &'a Inner,
+    /// Pending writes: `None` removes the key.
+    writes: BTreeMap<(TreeName, Vec<u8>), Option<Vec<u8>>>,
+}
+
+impl<'a> Tx<'a> {
+    pub(crate) fn new(inner: &'a Inner) -> Self {
+        Self {
+            inner,
+            writes: BTreeMap::new(),
+        }
+    }
+
+    pub(crate) fn trees(&self) -> &'a Trees {
+        &self.inner.trees
+    }
+
+    pub(crate) fn get(&self, tree: TreeName, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(pending) = self.writes.get(&(tree, key.to_vec())) {
+            return Ok(pending.clone());
+        }
+        Ok(self.trees().named(tree).get(key)?.map(|value| value.to_vec()))
+    }
+
+    pub(crate) fn contains_key(&self, tree: TreeName, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.get(tree, key)?.is_some())
+    }
+
+    pub(crate) fn insert(&mut self, tree: TreeName, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.writes.insert((tree, key.into()), Some(value.into()));
+    }
+
+    pub(crate) fn remove(&mut self, tree: TreeName, key: impl Into<Vec<u8>>) {
+        self.writes.insert((tree, key.into()), None);
+    }
+
+    /// Every entry whose key starts with `prefix`, in key order, as this unit sees them.
+    pub(crate) fn scan_prefix(
+        &self,
+        tree: TreeName,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut entries = BTreeMap::new();
+        for item in self.trees().named(tree).scan_prefix(prefix) {
+            let (key, value) = item?;
+            entries.insert(key.to_vec(), Some(value.to_vec()));
+        }
+        let start = (tree, prefix.to_vec());
+        for ((_, key), value) in self
+            .writes
+            .range(start..)
+            .take_while(|((name, key), _)| *name == tree && key.starts_with(prefix))
+        {
+            entries.insert(key.clone(), value.clone());
+        }
+        Ok(entries
+            .into_iter()
+            .filter_map(|(key, value)| value.map(|value| (key, value)))
+            .collect())
+    }
+
+    /// Applies every pending write in one transaction over the trees they touch.
+    pub(crate) fn apply(self) -> Result<(), StoreError> {
+        if self.writes.is_empty() {
+            return Ok(());
+        }
+        let mut names: Vec<TreeName> = self.writes.keys().map(|(name, _)| *name).collect();
+        names.dedup();
+        let trees: Vec<&sled::Tree> = names.iter().map(|name| self.trees().named(*name)).collect();
+        let outcome = trees.as_slice().transaction(|views| {
+            for ((name, key), value) in &self.writes {
+                let index = names
+                    .binary_search(name)
+                    .expect("every written tree is in the transaction");
+                match value {
+                    Some(value) => {
+                        views[index].insert(key.as_slice(), value.as_slice())?;
+                    }
+                    None => {
+                        views[index].remove(key.as_slice())?;
+                    }
+                }
+            }
+            Ok::<(), ConflictableTransactionError<StoreError>>(())
+        });
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(error)) => Err(error),
+            Err(TransactionError::Storage(error)) => Err(StoreError::Sled(error)),
+        }
+    }
+}
