@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Map, Value};
+use url::Url;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,9 +60,10 @@ pub struct Target {
         long,
         global = true,
         env = "CTWA_URL",
-        default_value = "http://127.0.0.1:8080"
+        default_value = "http://127.0.0.1:8080",
+        value_parser = parse_server_url
     )]
-    pub url: String,
+    pub url: Url,
 }
 
 #[derive(Debug, Args)]
@@ -155,129 +157,161 @@ fn account_fields(body: &mut Map<String, Value>, fields: AccountFields) {
     }
 }
 
-/// Runs an admin subcommand; prints the server's JSON answer and fails on an error status.
-pub async fn run_admin(command: Command) -> anyhow::Result<()> {
-    let admin_token = std::env::var("CTWA_ADMIN_TOKEN")
-        .map_err(|_| anyhow::anyhow!("set CTWA_ADMIN_TOKEN to the server's admin token"))?;
-    let (target, method, path, body) = match command {
+/// One call to the admin API. The path is kept as segments and the query as pairs, so that
+/// [`AdminRequest::url`] encodes every value: an id, a phone number or a BSUID with `+`, `&`,
+/// `/` or spaces reaches the server as it was typed.
+#[derive(Debug)]
+struct AdminRequest {
+    method: reqwest::Method,
+    path: Vec<String>,
+    query: Vec<(&'static str, String)>,
+    body: Option<Value>,
+}
+
+impl AdminRequest {
+    fn new(method: reqwest::Method, path: &[&str]) -> Self {
+        Self {
+            method,
+            path: path.iter().map(|segment| segment.to_string()).collect(),
+            query: Vec::new(),
+            body: None,
+        }
+    }
+
+    fn body(mut self, body: Value) -> Self {
+        self.body = Some(body);
+        self
+    }
+
+    /// The request's URL under `server`, which may carry a path prefix (`https://host/relay/`).
+    fn url(&self, server: &Url) -> Url {
+        let mut url = server.clone();
+        url.path_segments_mut()
+            .expect("the server URL is http(s), so it has a path")
+            .pop_if_empty()
+            .extend(&self.path);
+        if !self.query.is_empty() {
+            url.query_pairs_mut().extend_pairs(&self.query);
+        }
+        url
+    }
+}
+
+/// The `--url` value: an http(s) URL, refused at parse time otherwise.
+fn parse_server_url(value: &str) -> Result<Url, String> {
+    match Url::parse(value) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Ok(url),
+        _ => Err(format!(
+            "expected the server's http(s) URL, such as http://127.0.0.1:8080, got {value:?}"
+        )),
+    }
+}
+
+fn admin_request(command: Command) -> (Target, AdminRequest) {
+    use reqwest::Method;
+    match command {
         Command::Serve => unreachable!("serve is not an admin command"),
-        Command::Accounts { command, target } => match command {
-            AccountsCommand::Add {
-                id,
-                phone_number_id,
-                waba_id,
-                access_token,
-                fields,
-            } => {
-                let mut body = Map::new();
-                if let Some(id) = id {
-                    body.insert("id".into(), json!(id));
-                }
-                body.insert("phoneNumberId".into(), json!(phone_number_id));
-                body.insert("wabaId".into(), json!(waba_id));
-                body.insert("accessToken".into(), json!(access_token));
-                account_fields(&mut body, fields);
-                (
-                    target,
-                    reqwest::Method::POST,
-                    "/v1/admin/accounts".to_string(),
-                    Some(Value::Object(body)),
-                )
-            }
-            AccountsCommand::List => (
-                target,
-                reqwest::Method::GET,
-                "/v1/admin/accounts".into(),
-                None,
-            ),
-            AccountsCommand::Show { id } => (
-                target,
-                reqwest::Method::GET,
-                format!("/v1/admin/accounts/{id}"),
-                None,
-            ),
-            AccountsCommand::Update {
-                id,
-                phone_number_id,
-                waba_id,
-                access_token,
-                fields,
-            } => {
-                let mut body = Map::new();
-                if let Some(phone_number_id) = phone_number_id {
+        Command::Accounts { command, target } => {
+            let request = match command {
+                AccountsCommand::Add {
+                    id,
+                    phone_number_id,
+                    waba_id,
+                    access_token,
+                    fields,
+                } => {
+                    let mut body = Map::new();
+                    if let Some(id) = id {
+                        body.insert("id".into(), json!(id));
+                    }
                     body.insert("phoneNumberId".into(), json!(phone_number_id));
-                }
-                if let Some(waba_id) = waba_id {
                     body.insert("wabaId".into(), json!(waba_id));
-                }
-                if let Some(access_token) = access_token {
                     body.insert("accessToken".into(), json!(access_token));
+                    account_fields(&mut body, fields);
+                    AdminRequest::new(Method::POST, &["v1", "admin", "accounts"])
+                        .body(Value::Object(body))
                 }
-                account_fields(&mut body, fields);
-                (
-                    target,
-                    reqwest::Method::PATCH,
-                    format!("/v1/admin/accounts/{id}"),
-                    Some(Value::Object(body)),
-                )
-            }
-            AccountsCommand::Remove { id } => (
-                target,
-                reqwest::Method::DELETE,
-                format!("/v1/admin/accounts/{id}"),
-                None,
-            ),
-        },
-        Command::Keys { command, target } => match command {
-            KeysCommand::Create { name, accounts } => (
-                target,
-                reqwest::Method::POST,
-                "/v1/admin/api-keys".into(),
-                Some(json!({"name": name, "accountIds": accounts})),
-            ),
-            KeysCommand::List => (
-                target,
-                reqwest::Method::GET,
-                "/v1/admin/api-keys".into(),
-                None,
-            ),
-            KeysCommand::Revoke { id } => (
-                target,
-                reqwest::Method::DELETE,
-                format!("/v1/admin/api-keys/{id}"),
-                None,
-            ),
-        },
+                AccountsCommand::List => {
+                    AdminRequest::new(Method::GET, &["v1", "admin", "accounts"])
+                }
+                AccountsCommand::Show { id } => {
+                    AdminRequest::new(Method::GET, &["v1", "admin", "accounts", &id])
+                }
+                AccountsCommand::Update {
+                    id,
+                    phone_number_id,
+                    waba_id,
+                    access_token,
+                    fields,
+                } => {
+                    let mut body = Map::new();
+                    if let Some(phone_number_id) = phone_number_id {
+                        body.insert("phoneNumberId".into(), json!(phone_number_id));
+                    }
+                    if let Some(waba_id) = waba_id {
+                        body.insert("wabaId".into(), json!(waba_id));
+                    }
+                    if let Some(access_token) = access_token {
+                        body.insert("accessToken".into(), json!(access_token));
+                    }
+                    account_fields(&mut body, fields);
+                    AdminRequest::new(Method::PATCH, &["v1", "admin", "accounts", &id])
+                        .body(Value::Object(body))
+                }
+                AccountsCommand::Remove { id } => {
+                    AdminRequest::new(Method::DELETE, &["v1", "admin", "accounts", &id])
+                }
+            };
+            (target, request)
+        }
+        Command::Keys { command, target } => {
+            let request = match command {
+                KeysCommand::Create { name, accounts } => {
+                    AdminRequest::new(Method::POST, &["v1", "admin", "api-keys"])
+                        .body(json!({"name": name, "accountIds": accounts}))
+                }
+                KeysCommand::List => AdminRequest::new(Method::GET, &["v1", "admin", "api-keys"]),
+                KeysCommand::Revoke { id } => {
+                    AdminRequest::new(Method::DELETE, &["v1", "admin", "api-keys", &id])
+                }
+            };
+            (target, request)
+        }
         Command::Lookup {
             phone,
             bsuid,
             account_id,
             target,
         } => {
-            let mut query = Vec::new();
-            if let Some(phone) = phone {
-                query.push(format!("phone={phone}"));
+            let mut request = AdminRequest::new(Method::GET, &["v1", "whatsapp", "attribution"]);
+            let pairs = [
+                ("phone", phone),
+                ("bsuid", bsuid),
+                ("accountId", account_id),
+            ];
+            for (name, value) in pairs {
+                if let Some(value) = value {
+                    request.query.push((name, value));
+                }
             }
-            if let Some(bsuid) = bsuid {
-                query.push(format!("bsuid={bsuid}"));
-            }
-            if let Some(account_id) = account_id {
-                query.push(format!("accountId={account_id}"));
-            }
-            (
-                target,
-                reqwest::Method::GET,
-                format!("/v1/whatsapp/attribution?{}", query.join("&")),
-                None,
-            )
+            (target, request)
         }
-    };
-    let url = format!("{}{}", target.url.trim_end_matches('/'), path);
+    }
+}
+
+/// Runs an admin subcommand; prints the server's JSON answer and fails on an error status.
+pub async fn run_admin(command: Command) -> anyhow::Result<()> {
+    let admin_token = std::env::var("CTWA_ADMIN_TOKEN")
+        .map_err(|_| anyhow::anyhow!("set CTWA_ADMIN_TOKEN to the server's admin token"))?;
+    let (target, admin_request) = admin_request(command);
+    let url = admin_request.url(&target.url);
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .build()?;
-    let mut request = client.request(method, &url).bearer_auth(admin_token);
-    if let Some(body) = body {
+    let mut request = client
+        .request(admin_request.method, url.clone())
+        .bearer_auth(admin_token);
+    if let Some(body) = admin_request.body {
         request = request.json(&body);
     }
     let response = request
@@ -297,5 +331,83 @@ pub async fn run_admin(command: Command) -> anyhow::Result<()> {
         Ok(())
     } else {
         anyhow::bail!("the server answered {status}: {shown}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(url: &str) -> Url {
+        parse_server_url(url).unwrap()
+    }
+
+    fn lookup(args: &[&str]) -> Command {
+        let mut argv = vec!["ctwa-relay", "lookup"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap().command.unwrap()
+    }
+
+    #[test]
+    fn query_values_are_form_encoded() {
+        let (target, request) = admin_request(lookup(&[
+            "--url",
+            "http://127.0.0.1:8080",
+            "--phone",
+            "+1 650&x=y",
+            "--bsuid",
+            "US.a+b/c",
+            "--account-id",
+            "acc 1",
+        ]));
+        assert_eq!(
+            request.url(&target.url).as_str(),
+            "http://127.0.0.1:8080/v1/whatsapp/attribution?phone=%2B1+650%26x%3Dy&bsuid=US.a%2Bb%2Fc&accountId=acc+1"
+        );
+    }
+
+    #[test]
+    fn the_query_decodes_back_to_the_typed_values() {
+        let (target, request) = admin_request(lookup(&["--bsuid", "a&phone=16505551234"]));
+        let url = request.url(&target.url);
+        let pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+        assert_eq!(
+            pairs,
+            [("bsuid".to_string(), "a&phone=16505551234".to_string())]
+        );
+    }
+
+    #[test]
+    fn path_ids_are_one_encoded_segment() {
+        let request = AdminRequest::new(
+            reqwest::Method::GET,
+            &["v1", "admin", "accounts", "a/b?c#d e"],
+        );
+        assert_eq!(
+            request.url(&server("http://127.0.0.1:8080")).as_str(),
+            "http://127.0.0.1:8080/v1/admin/accounts/a%2Fb%3Fc%23d%20e"
+        );
+    }
+
+    #[test]
+    fn a_server_url_keeps_its_path_prefix() {
+        let request = AdminRequest::new(reqwest::Method::GET, &["v1", "admin", "api-keys"]);
+        for base in ["https://relay.example/ctwa", "https://relay.example/ctwa/"] {
+            assert_eq!(
+                request.url(&server(base)).as_str(),
+                "https://relay.example/ctwa/v1/admin/api-keys"
+            );
+        }
+    }
+
+    #[test]
+    fn a_server_url_that_is_not_http_is_refused() {
+        for bad in ["127.0.0.1:8080", "ftp://host", "localhost"] {
+            assert!(parse_server_url(bad).is_err(), "{bad}");
+        }
+        let error = Cli::try_parse_from(["ctwa-relay", "accounts", "list", "--url", "nope"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("http(s) URL"), "{error}");
     }
 }

@@ -1,24 +1,27 @@
 //! A string that must never be printed: tokens, app secrets, API keys.
 
+use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 
-/// A secret string. `Debug` and `Display` are redacted; the value is only reachable through
-/// [`Secret::expose`], so every place that reads it is easy to find.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
+/// A secret string over [`secrecy::SecretString`]: zeroed when dropped, `Debug` redacted, no
+/// `Display`, no `Serialize` and no `==`. The value is only reachable through
+/// [`Secret::expose`], so every place that reads it is easy to find; the one place that stores
+/// it (the account record in `store::accounts`) writes it through an explicit field.
+#[derive(Clone, Default)]
+pub struct Secret(SecretString);
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
+        Self(SecretString::from(value.into()))
     }
 
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 
     /// Compares with a candidate in time that does not depend on where they differ.
     pub fn matches(&self, candidate: &str) -> bool {
-        let ours = self.0.as_bytes();
+        let ours = self.expose().as_bytes();
         let theirs = candidate.as_bytes();
         // Length is not secret for our tokens; `ct_eq` on unequal lengths is false anyway.
         ours.len() == theirs.len() && bool::from(ours.ct_eq(theirs))
@@ -31,21 +34,11 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-impl std::fmt::Display for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[REDACTED]")
-    }
-}
-
-impl serde::Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
-    }
-}
-
+/// Reading a secret from a request body or a settings layer is fine; writing one out is not,
+/// so there is no `Serialize`.
 impl<'de> serde::Deserialize<'de> for Secret {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer).map(Secret)
+        SecretString::deserialize(deserializer).map(Secret)
     }
 }
 
@@ -54,10 +47,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn debug_and_display_never_show_the_value() {
+    fn debug_never_shows_the_value() {
         let secret = Secret::new("hunter2");
         assert!(!format!("{secret:?}").contains("hunter2"));
-        assert!(!format!("{secret}").contains("hunter2"));
+        assert!(!format!("{:?}", Some(secret.clone())).contains("hunter2"));
     }
 
     #[test]
@@ -67,5 +60,13 @@ mod tests {
         assert!(!secret.matches("abd"));
         assert!(!secret.matches("ab"));
         assert!(!secret.matches("abcd"));
+        assert!(!secret.matches(""));
+        assert!(Secret::new("").matches(""));
+    }
+
+    #[test]
+    fn deserializes_from_a_json_string() {
+        let secret: Secret = serde_json::from_str("\"EAAG-token\"").unwrap();
+        assert_eq!(secret.expose(), "EAAG-token");
     }
 }

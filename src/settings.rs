@@ -1,11 +1,17 @@
-//! One settings tree: built-in defaults, then an optional TOML file, then `CTWA_*` environment
-//! variables (the environment wins). Everything is validated once, at load time.
+//! One settings tree, layered by figment: built-in defaults, then an optional TOML file, then
+//! `CTWA_*` environment variables (the environment wins). The file's key `name` is the
+//! variable `CTWA_NAME`. Everything is parsed into typed fields and checked once, at load time,
+//! and an invalid value is named where it was written: `CTWA_LISTEN`, or `listen in ctwa.toml`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider, Source};
+use serde::{Deserialize, Serialize};
+use url::Url;
 
 use crate::secret::Secret;
 
@@ -38,12 +44,13 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub listen: String,
+    pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub app_secrets: Vec<Secret>,
     pub verify_token: Option<Secret>,
     pub admin_token: Option<Secret>,
-    pub graph_url: String,
+    /// Graph API base URL, http or https with a host.
+    pub graph_url: Url,
     pub graph_version: String,
     pub event_names: Vec<String>,
     pub attribution_window_days: u32,
@@ -79,77 +86,96 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:8080".into(),
-            data_dir: PathBuf::from("./ctwa-data"),
-            app_secrets: Vec::new(),
-            verify_token: None,
-            admin_token: None,
-            graph_url: "https://graph.facebook.com".into(),
-            graph_version: "v25.0".into(),
-            event_names: DEFAULT_EVENT_NAMES
-                .iter()
-                .map(|name| name.to_string())
-                .collect(),
-            attribution_window_days: 7,
-            partner_agent: None,
-            log_format: LogFormat::Text,
-            workers: 0,
-            api_body_limit: 64 * 1024,
-            graph_timeout: Duration::from_millis(1500),
-            delivery_budget: Duration::from_secs(5),
-            outbox_poll_interval: Duration::from_secs(5),
-            outbox_backoff_base: Duration::from_secs(30),
-            outbox_backoff_max: Duration::from_secs(3600),
-            unknown_resend_after: Duration::from_secs(300),
-            journal_retention_days: Some(30),
-            min_free_mb: 64,
-        }
+        RawSettings::default()
+            .into_settings(variable_name)
+            .expect("the built-in defaults are valid")
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("cannot read the configuration file {path}: {source}")]
+    /// The cause is the `source` (`main` prints causes after the message).
+    #[error("cannot read the configuration file {path}")]
     ReadFile {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("the configuration file {path} is not valid: {message}")]
     ParseFile { path: PathBuf, message: String },
+    /// `key` names the value where it was written: `CTWA_LISTEN`, or `listen in ctwa.toml`.
     #[error("{key} is not valid: {message}")]
-    Invalid { key: &'static str, message: String },
+    Invalid { key: String, message: String },
 }
 
-/// The file form: every key optional, unknown keys refused so that typos do not pass silently.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileSettings {
-    listen: Option<String>,
-    data_dir: Option<PathBuf>,
-    app_secrets: Option<StringOrList>,
-    verify_token: Option<String>,
-    admin_token: Option<String>,
-    graph_url: Option<String>,
-    graph_version: Option<String>,
-    event_names: Option<StringOrList>,
-    attribution_window_days: Option<u32>,
-    partner_agent: Option<String>,
-    log_format: Option<String>,
-    workers: Option<usize>,
-    api_body_limit: Option<usize>,
-    graph_timeout_ms: Option<u64>,
-    delivery_budget_ms: Option<u64>,
-    unknown_resend_after_ms: Option<u64>,
-    outbox_poll_interval_ms: Option<u64>,
-    outbox_backoff_base_ms: Option<u64>,
-    outbox_backoff_max_ms: Option<u64>,
-    journal_retention_days: Option<u32>,
-    min_free_mb: Option<u64>,
+/// The settings as they are written: TOML key names and plain values, every key with its
+/// default. The serialised defaults are therefore also the list of keys that the file may hold
+/// and the environment may set. [`RawSettings::into_settings`] parses them into [`Settings`].
+#[derive(Serialize, Deserialize)]
+struct RawSettings {
+    listen: String,
+    data_dir: PathBuf,
+    app_secrets: StringOrList,
+    verify_token: String,
+    admin_token: String,
+    graph_url: String,
+    graph_version: String,
+    event_names: StringOrList,
+    attribution_window_days: u32,
+    partner_agent: String,
+    log_format: String,
+    workers: usize,
+    api_body_limit: usize,
+    graph_timeout_ms: u64,
+    delivery_budget_ms: u64,
+    unknown_resend_after_ms: u64,
+    outbox_poll_interval_ms: u64,
+    outbox_backoff_base_ms: u64,
+    outbox_backoff_max_ms: u64,
+    /// 0 keeps the journal forever.
+    journal_retention_days: u32,
+    min_free_mb: u64,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+impl Default for RawSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from("./ctwa-data"),
+            app_secrets: StringOrList::Many(Vec::new()),
+            verify_token: String::new(),
+            admin_token: String::new(),
+            graph_url: "https://graph.facebook.com".into(),
+            graph_version: "v25.0".into(),
+            event_names: StringOrList::Many(
+                DEFAULT_EVENT_NAMES
+                    .iter()
+                    .map(|name| name.to_string())
+                    .collect(),
+            ),
+            attribution_window_days: 7,
+            partner_agent: String::new(),
+            log_format: "text".into(),
+            workers: 0,
+            api_body_limit: 64 * 1024,
+            graph_timeout_ms: 1500,
+            delivery_budget_ms: 5_000,
+            unknown_resend_after_ms: 300_000,
+            outbox_poll_interval_ms: 5_000,
+            outbox_backoff_base_ms: 30_000,
+            outbox_backoff_max_ms: 3_600_000,
+            journal_retention_days: 30,
+            min_free_mb: 64,
+        }
+    }
+}
+
+/// A list written as a TOML array or as one comma-separated string (the only form a variable
+/// has); items are trimmed and empty ones dropped.
+#[derive(Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a list of strings, or one string of comma-separated items"
+)]
 enum StringOrList {
     One(String),
     Many(Vec<String>),
@@ -157,29 +183,22 @@ enum StringOrList {
 
 impl StringOrList {
     fn into_list(self) -> Vec<String> {
-        match self {
-            StringOrList::One(joined) => split_list(&joined),
-            StringOrList::Many(items) => items
-                .into_iter()
-                .map(|item| item.trim().to_string())
-                .filter(|item| !item.is_empty())
-                .collect(),
-        }
+        let items = match self {
+            StringOrList::One(joined) => joined.split(',').map(str::to_string).collect(),
+            StringOrList::Many(items) => items,
+        };
+        items
+            .into_iter()
+            .map(|item| item.trim().to_string())
+            .filter(|item| !item.is_empty())
+            .collect()
     }
-}
-
-fn split_list(joined: &str) -> Vec<String> {
-    joined
-        .split(',')
-        .map(|item| item.trim().to_string())
-        .filter(|item| !item.is_empty())
-        .collect()
 }
 
 impl Settings {
     /// Loads defaults, then `config_file` if given, then the process environment.
     pub fn load(config_file: Option<&Path>) -> Result<Self, SettingsError> {
-        Self::load_from(config_file, |key| std::env::var(key).ok())
+        Self::load_from(config_file, |name| std::env::var(name).ok())
     }
 
     /// Like [`Settings::load`], with the environment given as a lookup function (for tests).
@@ -187,275 +206,24 @@ impl Settings {
         config_file: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, SettingsError> {
-        let file = match config_file {
-            None => FileSettings::default(),
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| SettingsError::ReadFile {
-                        path: path.to_path_buf(),
-                        source,
-                    })?;
-                toml::from_str(&text).map_err(|error| SettingsError::ParseFile {
-                    path: path.to_path_buf(),
-                    message: error.message().to_string(),
-                })?
+        let defaults = Value::serialize(RawSettings::default())
+            .ok()
+            .and_then(Value::into_dict)
+            .expect("the defaults serialise to a table");
+        let mut figment = Figment::from(Serialized::defaults(RawSettings::default()));
+        if let Some(path) = config_file {
+            check_file(path, &defaults)?;
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Environment::read(&defaults, env)?);
+        let raw: RawSettings = figment.extract().map_err(|error| {
+            let key = error.path.join(".");
+            SettingsError::Invalid {
+                key: written_name(&key, error.metadata.as_ref()),
+                message: error.kind.to_string(),
             }
-        };
-        let mut settings = Settings::default();
-        settings.apply_file(file)?;
-        settings.apply_env(env)?;
-        settings.validate()?;
-        Ok(settings)
-    }
-
-    fn apply_file(&mut self, file: FileSettings) -> Result<(), SettingsError> {
-        if let Some(value) = file.listen {
-            self.listen = value;
-        }
-        if let Some(value) = file.data_dir {
-            self.data_dir = value;
-        }
-        if let Some(value) = file.app_secrets {
-            self.app_secrets = value.into_list().into_iter().map(Secret::new).collect();
-        }
-        if let Some(value) = file.verify_token {
-            self.verify_token = non_empty_secret(value);
-        }
-        if let Some(value) = file.admin_token {
-            self.admin_token = non_empty_secret(value);
-        }
-        if let Some(value) = file.graph_url {
-            self.graph_url = value;
-        }
-        if let Some(value) = file.graph_version {
-            self.graph_version = value;
-        }
-        if let Some(value) = file.event_names {
-            self.event_names = value.into_list();
-        }
-        if let Some(value) = file.attribution_window_days {
-            self.attribution_window_days = value;
-        }
-        if let Some(value) = file.partner_agent {
-            self.partner_agent = Some(value).filter(|agent| !agent.trim().is_empty());
-        }
-        if let Some(value) = file.log_format {
-            self.log_format = parse_log_format(&value)?;
-        }
-        if let Some(value) = file.workers {
-            self.workers = value;
-        }
-        if let Some(value) = file.api_body_limit {
-            self.api_body_limit = value;
-        }
-        if let Some(value) = file.graph_timeout_ms {
-            self.graph_timeout = Duration::from_millis(value);
-        }
-        if let Some(value) = file.delivery_budget_ms {
-            self.delivery_budget = Duration::from_millis(value);
-        }
-        if let Some(value) = file.unknown_resend_after_ms {
-            self.unknown_resend_after = Duration::from_millis(value);
-        }
-        if let Some(value) = file.outbox_poll_interval_ms {
-            self.outbox_poll_interval = Duration::from_millis(value);
-        }
-        if let Some(value) = file.outbox_backoff_base_ms {
-            self.outbox_backoff_base = Duration::from_millis(value);
-        }
-        if let Some(value) = file.outbox_backoff_max_ms {
-            self.outbox_backoff_max = Duration::from_millis(value);
-        }
-        if let Some(value) = file.journal_retention_days {
-            self.journal_retention_days = Some(value).filter(|days| *days > 0);
-        }
-        if let Some(value) = file.min_free_mb {
-            self.min_free_mb = value;
-        }
-        Ok(())
-    }
-
-    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), SettingsError> {
-        if let Some(value) = env("CTWA_LISTEN") {
-            self.listen = value;
-        }
-        if let Some(value) = env("CTWA_DATA_DIR") {
-            self.data_dir = PathBuf::from(value);
-        }
-        if let Some(value) = env("CTWA_APP_SECRETS") {
-            self.app_secrets = split_list(&value).into_iter().map(Secret::new).collect();
-        }
-        if let Some(value) = env("CTWA_VERIFY_TOKEN") {
-            self.verify_token = non_empty_secret(value);
-        }
-        if let Some(value) = env("CTWA_ADMIN_TOKEN") {
-            self.admin_token = non_empty_secret(value);
-        }
-        if let Some(value) = env("CTWA_GRAPH_URL") {
-            self.graph_url = value;
-        }
-        if let Some(value) = env("CTWA_GRAPH_VERSION") {
-            self.graph_version = value;
-        }
-        if let Some(value) = env("CTWA_EVENT_NAMES") {
-            self.event_names = split_list(&value);
-        }
-        if let Some(value) = env("CTWA_ATTRIBUTION_WINDOW_DAYS") {
-            self.attribution_window_days = parse_number("CTWA_ATTRIBUTION_WINDOW_DAYS", &value)?;
-        }
-        if let Some(value) = env("CTWA_PARTNER_AGENT") {
-            self.partner_agent = Some(value).filter(|agent| !agent.trim().is_empty());
-        }
-        if let Some(value) = env("CTWA_LOG_FORMAT") {
-            self.log_format = parse_log_format(&value)?;
-        }
-        if let Some(value) = env("CTWA_WORKERS") {
-            self.workers = parse_number("CTWA_WORKERS", &value)?;
-        }
-        if let Some(value) = env("CTWA_API_BODY_LIMIT") {
-            self.api_body_limit = parse_number("CTWA_API_BODY_LIMIT", &value)?;
-        }
-        if let Some(value) = env("CTWA_GRAPH_TIMEOUT_MS") {
-            self.graph_timeout =
-                Duration::from_millis(parse_number("CTWA_GRAPH_TIMEOUT_MS", &value)?);
-        }
-        if let Some(value) = env("CTWA_DELIVERY_BUDGET_MS") {
-            self.delivery_budget =
-                Duration::from_millis(parse_number("CTWA_DELIVERY_BUDGET_MS", &value)?);
-        }
-        if let Some(value) = env("CTWA_UNKNOWN_RESEND_AFTER_MS") {
-            self.unknown_resend_after =
-                Duration::from_millis(parse_number("CTWA_UNKNOWN_RESEND_AFTER_MS", &value)?);
-        }
-        if let Some(value) = env("CTWA_OUTBOX_POLL_INTERVAL_MS") {
-            self.outbox_poll_interval =
-                Duration::from_millis(parse_number("CTWA_OUTBOX_POLL_INTERVAL_MS", &value)?);
-        }
-        if let Some(value) = env("CTWA_OUTBOX_BACKOFF_BASE_MS") {
-            self.outbox_backoff_base =
-                Duration::from_millis(parse_number("CTWA_OUTBOX_BACKOFF_BASE_MS", &value)?);
-        }
-        if let Some(value) = env("CTWA_JOURNAL_RETENTION_DAYS") {
-            let days: u32 = parse_number("CTWA_JOURNAL_RETENTION_DAYS", &value)?;
-            self.journal_retention_days = Some(days).filter(|days| *days > 0);
-        }
-        if let Some(value) = env("CTWA_MIN_FREE_MB") {
-            self.min_free_mb = parse_number("CTWA_MIN_FREE_MB", &value)?;
-        }
-        if let Some(value) = env("CTWA_OUTBOX_BACKOFF_MAX_MS") {
-            self.outbox_backoff_max =
-                Duration::from_millis(parse_number("CTWA_OUTBOX_BACKOFF_MAX_MS", &value)?);
-        }
-        Ok(())
-    }
-
-    fn validate(&self) -> Result<(), SettingsError> {
-        self.listen
-            .parse::<SocketAddr>()
-            .map_err(|_| SettingsError::Invalid {
-                key: "CTWA_LISTEN",
-                message: format!(
-                    "expected an address such as 127.0.0.1:8080, got {:?}",
-                    self.listen
-                ),
-            })?;
-        if self.data_dir.as_os_str().is_empty() {
-            return Err(SettingsError::Invalid {
-                key: "CTWA_DATA_DIR",
-                message: "must not be empty".into(),
-            });
-        }
-        if self
-            .app_secrets
-            .iter()
-            .any(|secret| secret.expose().is_empty())
-        {
-            return Err(SettingsError::Invalid {
-                key: "CTWA_APP_SECRETS",
-                message: "contains an empty secret".into(),
-            });
-        }
-        let graph_url_ok = (self.graph_url.starts_with("http://")
-            || self.graph_url.starts_with("https://"))
-            && self.graph_url.len() > "https://".len();
-        if !graph_url_ok {
-            return Err(SettingsError::Invalid {
-                key: "CTWA_GRAPH_URL",
-                message: format!("expected an http(s) URL, got {:?}", self.graph_url),
-            });
-        }
-        let version_ok = self.graph_version.len() > 1
-            && self.graph_version.starts_with('v')
-            && self.graph_version[1..]
-                .chars()
-                .all(|c| c.is_ascii_digit() || c == '.');
-        if !version_ok {
-            return Err(SettingsError::Invalid {
-                key: "CTWA_GRAPH_VERSION",
-                message: format!(
-                    "expected a version such as v25.0, got {:?}",
-                    self.graph_version
-                ),
-            });
-        }
-        if self.event_names.is_empty() {
-            return Err(SettingsError::Invalid {
-                key: "CTWA_EVENT_NAMES",
-                message: "the allowlist must name at least one event".into(),
-            });
-        }
-        if let Some(bad) = self
-            .event_names
-            .iter()
-            .find(|name| !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-        {
-            return Err(SettingsError::Invalid {
-                key: "CTWA_EVENT_NAMES",
-                message: format!("{bad:?} is not an event name"),
-            });
-        }
-        if self.attribution_window_days == 0 || self.attribution_window_days > 90 {
-            return Err(SettingsError::Invalid {
-                key: "CTWA_ATTRIBUTION_WINDOW_DAYS",
-                message: "must be between 1 and 90 days".into(),
-            });
-        }
-        if self.api_body_limit < 1024 {
-            return Err(SettingsError::Invalid {
-                key: "CTWA_API_BODY_LIMIT",
-                message: "must be at least 1024 bytes".into(),
-            });
-        }
-        if self.graph_timeout.is_zero() {
-            return Err(SettingsError::Invalid {
-                key: "CTWA_GRAPH_TIMEOUT_MS",
-                message: "must be greater than zero".into(),
-            });
-        }
-        if self.outbox_poll_interval.is_zero() {
-            return Err(SettingsError::Invalid {
-                key: "CTWA_OUTBOX_POLL_INTERVAL_MS",
-                message: "must be greater than zero".into(),
-            });
-        }
-        if self.outbox_backoff_base.is_zero() || self.outbox_backoff_max < self.outbox_backoff_base
-        {
-            return Err(SettingsError::Invalid {
-                key: "CTWA_OUTBOX_BACKOFF_BASE_MS",
-                message: "must be greater than zero and not above CTWA_OUTBOX_BACKOFF_MAX_MS"
-                    .into(),
-            });
-        }
-        if self.min_free_mb > MAX_MIN_FREE_MB {
-            return Err(SettingsError::Invalid {
-                key: "CTWA_MIN_FREE_MB",
-                message: format!(
-                    "is in MiB and must not exceed {MAX_MIN_FREE_MB} (1 TiB); got {}",
-                    self.min_free_mb
-                ),
-            });
-        }
-        Ok(())
+        })?;
+        raw.into_settings(|key| written_name(key, figment.find_metadata(key)))
     }
 
     /// [`Settings::min_free_mb`] in bytes.
@@ -483,26 +251,194 @@ impl Settings {
     }
 }
 
-fn non_empty_secret(value: String) -> Option<Secret> {
-    Some(value).filter(|v| !v.is_empty()).map(Secret::new)
+impl RawSettings {
+    /// Parses and checks every value. `name` says how a key is named in an error: the
+    /// variable, or the key and the file, whichever layer gave the value.
+    fn into_settings(self, name: impl Fn(&str) -> String) -> Result<Settings, SettingsError> {
+        let invalid = |key: &str, message: String| SettingsError::Invalid {
+            key: name(key),
+            message,
+        };
+        let check = |valid: bool, key: &str, message: String| match valid {
+            true => Ok(()),
+            false => Err(invalid(key, message)),
+        };
+        let listen = self.listen.parse().map_err(|_| {
+            let example = "expected an address such as 127.0.0.1:8080";
+            invalid("listen", format!("{example}, got {:?}", self.listen))
+        })?;
+        let data_dir_set = !self.data_dir.as_os_str().is_empty();
+        check(data_dir_set, "data_dir", "must not be empty".into())?;
+        let graph_url = Url::parse(&self.graph_url)
+            .ok()
+            .filter(|url| matches!(url.scheme(), "http" | "https") && url.has_host())
+            .ok_or_else(|| {
+                let got = &self.graph_url;
+                invalid("graph_url", format!("expected an http(s) URL, got {got:?}"))
+            })?;
+        let version = &self.graph_version;
+        let version_ok = version.len() > 1
+            && version.starts_with('v')
+            && version[1..].chars().all(|c| c.is_ascii_digit() || c == '.');
+        let message = format!("expected a version such as v25.0, got {version:?}");
+        check(version_ok, "graph_version", message)?;
+        let event_names = self.event_names.into_list();
+        let message = "the allowlist must name at least one event".into();
+        check(!event_names.is_empty(), "event_names", message)?;
+        let not_a_name =
+            |name: &&String| !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if let Some(bad) = event_names.iter().find(not_a_name) {
+            return Err(invalid(
+                "event_names",
+                format!("{bad:?} is not an event name"),
+            ));
+        }
+        let days = self.attribution_window_days;
+        let message = "must be between 1 and 90 days".into();
+        check((1..=90).contains(&days), "attribution_window_days", message)?;
+        let log_format = match self.log_format.trim().to_ascii_lowercase().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                let message = format!("expected text or json, got {other:?}");
+                return Err(invalid("log_format", message));
+            }
+        };
+        let message = "must be at least 1024 bytes".into();
+        check(self.api_body_limit >= 1024, "api_body_limit", message)?;
+        let message = "must be greater than zero";
+        check(
+            self.graph_timeout_ms > 0,
+            "graph_timeout_ms",
+            message.into(),
+        )?;
+        check(
+            self.outbox_poll_interval_ms > 0,
+            "outbox_poll_interval_ms",
+            message.into(),
+        )?;
+        let (base, max) = (self.outbox_backoff_base_ms, self.outbox_backoff_max_ms);
+        let max_name = name("outbox_backoff_max_ms");
+        let message = format!("{message} and not above {max_name} ({max} ms)");
+        check(base > 0 && base <= max, "outbox_backoff_base_ms", message)?;
+        let message = format!(
+            "is in MiB and must not exceed {MAX_MIN_FREE_MB} (1 TiB); got {}",
+            self.min_free_mb
+        );
+        check(self.min_free_mb <= MAX_MIN_FREE_MB, "min_free_mb", message)?;
+        Ok(Settings {
+            listen,
+            data_dir: self.data_dir,
+            app_secrets: self
+                .app_secrets
+                .into_list()
+                .into_iter()
+                .map(Secret::new)
+                .collect(),
+            verify_token: Some(self.verify_token)
+                .filter(|token| !token.is_empty())
+                .map(Secret::new),
+            admin_token: Some(self.admin_token)
+                .filter(|token| !token.is_empty())
+                .map(Secret::new),
+            graph_url,
+            graph_version: self.graph_version,
+            event_names,
+            attribution_window_days: self.attribution_window_days,
+            partner_agent: Some(self.partner_agent).filter(|agent| !agent.trim().is_empty()),
+            log_format,
+            workers: self.workers,
+            api_body_limit: self.api_body_limit,
+            graph_timeout: Duration::from_millis(self.graph_timeout_ms),
+            delivery_budget: Duration::from_millis(self.delivery_budget_ms),
+            outbox_poll_interval: Duration::from_millis(self.outbox_poll_interval_ms),
+            outbox_backoff_base: Duration::from_millis(self.outbox_backoff_base_ms),
+            outbox_backoff_max: Duration::from_millis(self.outbox_backoff_max_ms),
+            unknown_resend_after: Duration::from_millis(self.unknown_resend_after_ms),
+            journal_retention_days: Some(self.journal_retention_days).filter(|days| *days > 0),
+            min_free_mb: self.min_free_mb,
+        })
+    }
 }
 
-fn parse_log_format(value: &str) -> Result<LogFormat, SettingsError> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "text" => Ok(LogFormat::Text),
-        "json" => Ok(LogFormat::Json),
-        other => Err(SettingsError::Invalid {
-            key: "CTWA_LOG_FORMAT",
-            message: format!("expected text or json, got {other:?}"),
+/// Refuses a file that cannot be read, is not TOML, or holds a key that is not a setting (so a
+/// typo does not pass silently).
+fn check_file(path: &Path, defaults: &Dict) -> Result<(), SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SettingsError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|error| SettingsError::ParseFile {
+        path: path.to_path_buf(),
+        message: error.message().to_string(),
+    })?;
+    match table.keys().find(|key| !defaults.contains_key(*key)) {
+        None => Ok(()),
+        Some(unknown) => Err(SettingsError::ParseFile {
+            path: path.to_path_buf(),
+            message: format!(
+                "unknown key {unknown:?}; the keys are {}",
+                defaults.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
         }),
     }
 }
 
-fn parse_number<T: std::str::FromStr>(key: &'static str, value: &str) -> Result<T, SettingsError> {
-    value.trim().parse().map_err(|_| SettingsError::Invalid {
-        key,
-        message: format!("expected a whole number, got {value:?}"),
-    })
+/// The environment variable of a file key: `listen` is `CTWA_LISTEN`.
+fn variable_name(key: &str) -> String {
+    format!("CTWA_{}", key.to_ascii_uppercase())
+}
+
+/// How to name `key` in an error, given the metadata of the layer that gave its value: the key
+/// and the file for a value from the file, the variable otherwise.
+fn written_name(key: &str, layer: Option<&Metadata>) -> String {
+    match layer.and_then(|metadata| metadata.source.as_ref()) {
+        Some(Source::File(path)) => format!("{key} in {}", path.display()),
+        _ => variable_name(key),
+    }
+}
+
+/// The `CTWA_*` variable of every settings key, as a figment layer. figment's own `Env`
+/// provider reads a value as a TOML-like literal (`0123` becomes the number 123, `true` a
+/// bool, `[a]` an array), which would change tokens and secrets; this layer keeps text as
+/// text and reads a whole number only where the key's default is a number.
+struct Environment(Dict);
+
+impl Environment {
+    fn read(defaults: &Dict, env: impl Fn(&str) -> Option<String>) -> Result<Self, SettingsError> {
+        let mut values = Dict::new();
+        for (key, default) in defaults {
+            let name = variable_name(key);
+            let Some(text) = env(&name) else {
+                continue;
+            };
+            let value = match default {
+                Value::Num(..) => match text.trim().parse::<u64>() {
+                    Ok(number) => Value::from(number),
+                    Err(_) => {
+                        return Err(SettingsError::Invalid {
+                            key: name,
+                            message: format!("expected a whole number, got {text:?}"),
+                        })
+                    }
+                },
+                _ => Value::from(text),
+            };
+            values.insert(key.clone(), value);
+        }
+        Ok(Self(values))
+    }
+}
+
+impl Provider for Environment {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("environment variable")
+            .interpolater(|_: &Profile, keys: &[&str]| variable_name(&keys.join(".")))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.0.clone()))
+    }
 }
 
 #[cfg(test)]
@@ -518,15 +454,44 @@ mod tests {
         move |key| map.get(key).cloned()
     }
 
+    /// A TOML file in a fresh directory; the directory lives as long as the returned guard.
+    fn file_of(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctwa.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
     #[test]
     fn defaults_need_no_configuration() {
         let settings = Settings::load_from(None, env_of(&[])).unwrap();
-        assert_eq!(settings.listen, "127.0.0.1:8080");
+        assert_eq!(settings.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(settings.graph_version, "v25.0");
         assert_eq!(settings.event_names.len(), 14);
         assert_eq!(settings.attribution_window_days, 7);
         assert_eq!(settings.disabled_features().len(), 3);
         assert_eq!(settings.journal_retention_days, Some(30));
+    }
+
+    #[test]
+    fn the_defaults_are_those_of_the_readme() {
+        let settings = Settings::default();
+        assert_eq!(settings.data_dir, PathBuf::from("./ctwa-data"));
+        assert_eq!(settings.graph_url.as_str(), "https://graph.facebook.com/");
+        assert_eq!(settings.event_names, DEFAULT_EVENT_NAMES);
+        assert_eq!(settings.log_format, LogFormat::Text);
+        assert_eq!(settings.workers, 0);
+        assert_eq!(settings.api_body_limit, 65_536);
+        assert_eq!(settings.graph_timeout, Duration::from_millis(1500));
+        assert_eq!(settings.delivery_budget, Duration::from_secs(5));
+        assert_eq!(settings.outbox_poll_interval, Duration::from_secs(5));
+        assert_eq!(settings.outbox_backoff_base, Duration::from_secs(30));
+        assert_eq!(settings.outbox_backoff_max, Duration::from_secs(3600));
+        assert_eq!(settings.unknown_resend_after, Duration::from_secs(300));
+        assert_eq!(settings.min_free_mb, 64);
+        assert!(settings.app_secrets.is_empty());
+        assert!(settings.verify_token.is_none() && settings.admin_token.is_none());
+        assert!(settings.partner_agent.is_none());
     }
 
     #[test]
@@ -580,9 +545,134 @@ mod tests {
         .unwrap();
         let settings =
             Settings::load_from(Some(&path), env_of(&[("CTWA_LISTEN", "127.0.0.1:7000")])).unwrap();
-        assert_eq!(settings.listen, "127.0.0.1:7000");
+        assert_eq!(settings.listen.to_string(), "127.0.0.1:7000");
         assert_eq!(settings.graph_version, "v26.0");
         assert_eq!(settings.app_secrets.len(), 2);
+    }
+
+    #[test]
+    fn every_key_of_the_file_is_read_and_typed() {
+        let (_dir, path) = file_of(
+            r#"
+            listen = "0.0.0.0:9000"
+            data_dir = "/var/lib/ctwa"
+            app_secrets = "one, two"
+            verify_token = "verify"
+            admin_token = "admin"
+            graph_url = "http://127.0.0.1:9999/"
+            graph_version = "v26.0"
+            event_names = ["Purchase", "LeadSubmitted"]
+            attribution_window_days = 28
+            partner_agent = "agency"
+            log_format = "JSON"
+            workers = 3
+            api_body_limit = 2048
+            graph_timeout_ms = 250
+            delivery_budget_ms = 1000
+            unknown_resend_after_ms = 60000
+            outbox_poll_interval_ms = 100
+            outbox_backoff_base_ms = 200
+            outbox_backoff_max_ms = 800
+            journal_retention_days = 0
+            min_free_mb = 0
+            "#,
+        );
+        let settings = Settings::load_from(Some(&path), env_of(&[])).unwrap();
+        assert_eq!(
+            settings.listen,
+            "0.0.0.0:9000".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(settings.data_dir, PathBuf::from("/var/lib/ctwa"));
+        let secrets: Vec<&str> = settings.app_secrets.iter().map(Secret::expose).collect();
+        assert_eq!(secrets, ["one", "two"]);
+        assert!(settings.verify_token.unwrap().matches("verify"));
+        assert!(settings.admin_token.unwrap().matches("admin"));
+        assert_eq!(settings.graph_url.as_str(), "http://127.0.0.1:9999/");
+        assert_eq!(settings.graph_version, "v26.0");
+        assert_eq!(settings.event_names, ["Purchase", "LeadSubmitted"]);
+        assert_eq!(settings.attribution_window_days, 28);
+        assert_eq!(settings.partner_agent.as_deref(), Some("agency"));
+        assert_eq!(settings.log_format, LogFormat::Json);
+        assert_eq!(settings.workers, 3);
+        assert_eq!(settings.api_body_limit, 2048);
+        assert_eq!(settings.graph_timeout, Duration::from_millis(250));
+        assert_eq!(settings.delivery_budget, Duration::from_secs(1));
+        assert_eq!(settings.unknown_resend_after, Duration::from_secs(60));
+        assert_eq!(settings.outbox_poll_interval, Duration::from_millis(100));
+        assert_eq!(settings.outbox_backoff_base, Duration::from_millis(200));
+        assert_eq!(settings.outbox_backoff_max, Duration::from_millis(800));
+        assert_eq!(settings.journal_retention_days, None);
+        assert_eq!(settings.min_free_mb, 0);
+    }
+
+    #[test]
+    fn every_variable_is_read_and_typed() {
+        let settings = Settings::load_from(
+            None,
+            env_of(&[
+                ("CTWA_LISTEN", "[::1]:9001"),
+                ("CTWA_DATA_DIR", "/srv/ctwa"),
+                ("CTWA_GRAPH_URL", "https://graph.example.test"),
+                ("CTWA_EVENT_NAMES", "Purchase"),
+                ("CTWA_ATTRIBUTION_WINDOW_DAYS", " 90 "),
+                ("CTWA_PARTNER_AGENT", " "),
+                ("CTWA_WORKERS", "2"),
+                ("CTWA_API_BODY_LIMIT", "1024"),
+                ("CTWA_GRAPH_TIMEOUT_MS", "10"),
+                ("CTWA_DELIVERY_BUDGET_MS", "20"),
+                ("CTWA_UNKNOWN_RESEND_AFTER_MS", "30"),
+                ("CTWA_OUTBOX_POLL_INTERVAL_MS", "40"),
+                ("CTWA_OUTBOX_BACKOFF_BASE_MS", "50"),
+                ("CTWA_OUTBOX_BACKOFF_MAX_MS", "60"),
+                ("CTWA_JOURNAL_RETENTION_DAYS", "7"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.listen, "[::1]:9001".parse::<SocketAddr>().unwrap());
+        assert_eq!(settings.data_dir, PathBuf::from("/srv/ctwa"));
+        assert_eq!(settings.graph_url.host_str(), Some("graph.example.test"));
+        assert_eq!(settings.event_names, ["Purchase"]);
+        assert_eq!(settings.attribution_window_days, 90);
+        assert_eq!(settings.partner_agent, None);
+        assert_eq!(settings.workers, 2);
+        assert_eq!(settings.api_body_limit, 1024);
+        assert_eq!(settings.graph_timeout, Duration::from_millis(10));
+        assert_eq!(settings.delivery_budget, Duration::from_millis(20));
+        assert_eq!(settings.unknown_resend_after, Duration::from_millis(30));
+        assert_eq!(settings.outbox_poll_interval, Duration::from_millis(40));
+        assert_eq!(settings.outbox_backoff_base, Duration::from_millis(50));
+        assert_eq!(settings.outbox_backoff_max, Duration::from_millis(60));
+        assert_eq!(settings.journal_retention_days, Some(7));
+    }
+
+    #[test]
+    fn tokens_that_look_like_numbers_or_lists_stay_text() {
+        let settings = Settings::load_from(
+            None,
+            env_of(&[
+                ("CTWA_APP_SECRETS", "0123,true"),
+                ("CTWA_VERIFY_TOKEN", "007"),
+                ("CTWA_ADMIN_TOKEN", "[admin]"),
+                ("CTWA_PARTNER_AGENT", "\"quoted\""),
+            ]),
+        )
+        .unwrap();
+        let secrets: Vec<&str> = settings.app_secrets.iter().map(Secret::expose).collect();
+        assert_eq!(secrets, ["0123", "true"]);
+        assert_eq!(settings.verify_token.unwrap().expose(), "007");
+        assert_eq!(settings.admin_token.unwrap().expose(), "[admin]");
+        assert_eq!(settings.partner_agent.as_deref(), Some("\"quoted\""));
+    }
+
+    #[test]
+    fn empty_tokens_leave_their_feature_off() {
+        let settings = Settings::load_from(
+            None,
+            env_of(&[("CTWA_VERIFY_TOKEN", ""), ("CTWA_ADMIN_TOKEN", "")]),
+        )
+        .unwrap();
+        assert!(settings.verify_token.is_none());
+        assert!(settings.admin_token.is_none());
     }
 
     #[test]
@@ -594,12 +684,33 @@ mod tests {
     }
 
     #[test]
+    fn empty_items_of_a_file_list_are_dropped() {
+        let (_dir, path) = file_of("app_secrets = [\" one \", \"\"]\n");
+        let settings = Settings::load_from(Some(&path), env_of(&[])).unwrap();
+        let secrets: Vec<&str> = settings.app_secrets.iter().map(Secret::expose).collect();
+        assert_eq!(secrets, ["one"]);
+    }
+
+    #[test]
     fn unknown_file_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ctwa.toml");
         std::fs::write(&path, "lisen = \"0.0.0.0:9000\"\n").unwrap();
         let error = Settings::load_from(Some(&path), env_of(&[])).unwrap_err();
         assert!(error.to_string().contains("lisen"), "{error}");
+    }
+
+    #[test]
+    fn a_missing_or_broken_file_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("absent.toml");
+        let error = Settings::load_from(Some(&missing), env_of(&[])).unwrap_err();
+        assert!(matches!(error, SettingsError::ReadFile { .. }), "{error}");
+        assert!(error.to_string().contains("absent.toml"), "{error}");
+        let (_dir, broken) = file_of("listen = \n");
+        let error = Settings::load_from(Some(&broken), env_of(&[])).unwrap_err();
+        assert!(matches!(error, SettingsError::ParseFile { .. }), "{error}");
+        assert!(error.to_string().contains("ctwa.toml"), "{error}");
     }
 
     #[test]
@@ -618,5 +729,79 @@ mod tests {
             let error = Settings::load_from(None, env_of(&[(key, value)])).unwrap_err();
             assert!(error.to_string().contains(key), "{key}={value}: {error}");
         }
+    }
+
+    #[test]
+    fn more_invalid_variables_are_named() {
+        for (key, value) in [
+            ("CTWA_GRAPH_URL", "http://"),
+            ("CTWA_GRAPH_URL", "ftp://graph.facebook.com"),
+            ("CTWA_DATA_DIR", ""),
+            ("CTWA_EVENT_NAMES", "Purchase,Not-An-Event"),
+            ("CTWA_API_BODY_LIMIT", "1023"),
+            ("CTWA_GRAPH_TIMEOUT_MS", "0"),
+            ("CTWA_OUTBOX_POLL_INTERVAL_MS", "0"),
+            ("CTWA_OUTBOX_BACKOFF_BASE_MS", "0"),
+            ("CTWA_OUTBOX_BACKOFF_BASE_MS", "3600001"),
+            ("CTWA_WORKERS", "-1"),
+            ("CTWA_ATTRIBUTION_WINDOW_DAYS", "4294967296"),
+        ] {
+            let error = Settings::load_from(None, env_of(&[(key, value)])).unwrap_err();
+            assert!(error.to_string().contains(key), "{key}={value}: {error}");
+        }
+    }
+
+    #[test]
+    fn invalid_file_values_name_their_key_and_the_file() {
+        for (line, key) in [
+            ("listen = \"localhost\"", "listen"),
+            ("graph_url = \"graph.facebook.com\"", "graph_url"),
+            ("attribution_window_days = 0", "attribution_window_days"),
+            (
+                "attribution_window_days = \"seven\"",
+                "attribution_window_days",
+            ),
+            ("attribution_window_days = -1", "attribution_window_days"),
+            ("log_format = \"yaml\"", "log_format"),
+            ("event_names = []", "event_names"),
+            ("graph_timeout_ms = 0", "graph_timeout_ms"),
+            (
+                "outbox_backoff_base_ms = 7200000\noutbox_backoff_max_ms = 3600000",
+                "outbox_backoff_base_ms",
+            ),
+            ("min_free_mb = 67108864", "min_free_mb"),
+        ] {
+            let (_dir, path) = file_of(line);
+            let error = Settings::load_from(Some(&path), env_of(&[])).unwrap_err();
+            let shown = error.to_string();
+            let expected = format!("{key} in {}", path.display());
+            assert!(shown.contains(&expected), "{line}: {shown}");
+            assert!(!shown.contains("CTWA_"), "{line} names a variable: {shown}");
+        }
+    }
+
+    #[test]
+    fn a_bad_variable_over_a_good_file_names_the_variable() {
+        let (_dir, path) = file_of("attribution_window_days = 14\nlisten = \"0.0.0.0:9000\"\n");
+        for (key, value) in [
+            ("CTWA_ATTRIBUTION_WINDOW_DAYS", "91"),
+            ("CTWA_LISTEN", "0.0.0.0"),
+        ] {
+            let error = Settings::load_from(Some(&path), env_of(&[(key, value)])).unwrap_err();
+            let shown = error.to_string();
+            assert!(shown.starts_with(key), "{key}={value}: {shown}");
+            assert!(!shown.contains("ctwa.toml"), "{key}={value}: {shown}");
+        }
+    }
+
+    #[test]
+    fn a_good_variable_over_a_bad_file_value_wins() {
+        let (_dir, path) = file_of("attribution_window_days = 0\n");
+        let settings = Settings::load_from(
+            Some(&path),
+            env_of(&[("CTWA_ATTRIBUTION_WINDOW_DAYS", "3")]),
+        )
+        .unwrap();
+        assert_eq!(settings.attribution_window_days, 3);
     }
 }

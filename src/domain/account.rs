@@ -11,7 +11,9 @@ pub struct AccountMetadata {
     pub connected_facebook_page_id: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// No `Serialize` and no `==`: the access token is a [`Secret`]. The store writes the record
+/// through its own explicit form (`store::accounts::AccountRecord`), and responses through views.
+#[derive(Debug, Clone)]
 pub struct Account {
     pub id: String,
     pub name: Option<String>,
@@ -22,7 +24,6 @@ pub struct Account {
     pub access_token: Secret,
     pub metadata: AccountMetadata,
     /// Forward Meta's `automatic_events` as conversions (off by default).
-    #[serde(default)]
     pub forward_automatic_events: bool,
     pub created_at: i64,
     pub updated_at: i64,

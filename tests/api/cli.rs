@@ -126,3 +126,20 @@ async fn admin_commands_without_a_token_say_what_to_set() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("CTWA_ADMIN_TOKEN"));
 }
+
+#[tokio::test]
+async fn lookup_sends_its_values_as_typed() {
+    let app = spawn_app().await;
+    // A '+' reaches the server as '+', which the contract refuses with a hint, not as a space.
+    let plus = ctwa_relay(&app, &["lookup", "--phone", "+16505551234"]).await;
+    assert!(!plus.status.success());
+    let stderr = String::from_utf8_lossy(&plus.stderr);
+    assert!(stderr.contains("drop the leading '+'"), "{stderr}");
+
+    // An '&' stays inside the BSUID instead of starting another parameter.
+    let bsuid = format!("US.none&phone={SAMPLE_PHONE}");
+    let lookup = json_of(&ctwa_relay(&app, &["lookup", "--bsuid", &bsuid]).await);
+    assert_eq!(lookup["bsuid"], bsuid.as_str());
+    assert_eq!(lookup["phone"], Value::Null);
+    assert_eq!(lookup["results"].as_array().unwrap().len(), 0);
+}

@@ -166,7 +166,7 @@ async fn a_refused_connection_is_transient() {
         .unwrap()
         .port();
     let app = spawn_app_with(|settings| {
-        settings.graph_url = format!("http://127.0.0.1:{closed_port}");
+        settings.graph_url = format!("http://127.0.0.1:{closed_port}").parse().unwrap();
         short_budget(settings);
     })
     .await;

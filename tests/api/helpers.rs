@@ -49,12 +49,12 @@ pub struct TestApp {
 
 pub fn test_settings(data_dir: &Path, graph_url: &str) -> Settings {
     Settings {
-        listen: "127.0.0.1:0".into(),
+        listen: "127.0.0.1:0".parse().expect("a socket address"),
         data_dir: data_dir.to_path_buf(),
         app_secrets: vec![Secret::new(APP_SECRET), Secret::new(ROTATED_APP_SECRET)],
         verify_token: Some(Secret::new(VERIFY_TOKEN)),
         admin_token: Some(Secret::new(ADMIN_TOKEN)),
-        graph_url: graph_url.to_string(),
+        graph_url: graph_url.parse().expect("the mock server's URL"),
         workers: 1,
         // Generous, so a loaded machine does not turn a quick mock answer into a timeout.
         graph_timeout: Duration::from_secs(3),
