@@ -1,183 +1,73 @@
 //! `POST /v1/whatsapp/conversions` (Zernio-compatible), its history, and dataset provisioning.
+//! Thin: the request is read and validated, [`conversions::Service`] does the work, and the
+//! outcome becomes the JSON the API has always answered.
 
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
-use serde::Deserialize;
-use serde_json::{json, Value};
 
-use crate::attribution::Conversation;
+use crate::api::conversions::{
+    ConversionAnswer, ConversionBody, ConversionResult, DatasetAnswer, DatasetBody, DatasetQuery,
+    DryRunResult, History, HistoryItem, HistoryQuery, ProvisionedDataset,
+};
+use crate::api::errors::{ErrorBody, MetaErrorBody};
 use crate::auth::Caller;
-use crate::conversions::payload::{events_request_body, MetaEvent};
-use crate::conversions::request::{validate, ConversionBody, Lookup};
-use crate::conversions::{record_and_deliver, result_body};
-use crate::domain::conversion::Currency;
+use crate::conversions::{self, Submitted};
 use crate::error::{ApiError, Code};
 use crate::json_body::JsonBody;
-use crate::routes::rfc3339;
-use crate::startup::AppState;
-use crate::store::{ConversionRecord, ConversionSource, NewConversion};
 
-/// Finds the conversation and its click id, or says why there is nothing to attribute.
-async fn attributed_conversation(
-    state: &AppState,
-    account_id: &str,
-    lookup: &Lookup,
-) -> Result<(Conversation, String, i64), ApiError> {
-    let conversation = match lookup {
-        Lookup::Conversation(id) => match state.store.conversation(id.clone()).await? {
-            Some(conversation) if conversation.account_id == account_id => conversation,
-            _ => {
-                return Err(ApiError::new(Code::ConversationNotFound)
-                    .message(format!("no conversation {id:?} on account {account_id:?}")))
-            }
-        },
-        Lookup::Phone(phone) => {
-            match state
-                .store
-                .most_recent_attributed_conversation(account_id.to_string(), phone.as_str().to_string())
-                .await?
-            {
-                (_, Some(conversation)) => conversation,
-                (true, None) => {
-                    return Err(ApiError::new(Code::NoCtwaClid).message(
-                        "none of this phone's conversations on the account came from a Click-to-WhatsApp ad click with a click id (organic chats, or Status-placement ads, which carry no ctwa_clid)",
-                    ))
-                }
-                (false, None) => {
-                    return Err(ApiError::new(Code::ConversationNotFound)
-                        .message("this phone has no conversation on the account"))
-                }
-            }
-        }
-    };
-    if let Some(click) = conversation.ctwa_attribution() {
-        let ctwa_clid = click
-            .ctwa_clid
-            .clone()
-            .expect("a click-id attribution has one");
-        let clicked_at = click.clicked_at;
-        return Ok((conversation, ctwa_clid, clicked_at));
-    }
-    let reason = match conversation.attribution() {
-        Some(_) => "the conversation came from a Status-placement ad, which carries no ctwa_clid, so Meta cannot attribute a conversion to it",
-        None => "the conversation started without an ad click (an organic chat), so there is no ctwa_clid to attribute a conversion to",
-    };
-    Err(ApiError::new(Code::NoCtwaClid).message(reason))
-}
-
+/// Sends a conversion to Meta (SPEC §4.4).
+#[utoipa::path(
+    post,
+    path = "/v1/whatsapp/conversions",
+    tag = "conversions",
+    security(("bearer" = [])),
+    request_body = ConversionBody,
+    responses(
+        (status = 200, description = "Meta answered (a refusal is `eventsFailed: 1` with Meta's code), or the event was already recorded (`deduplicated: true`); with `dryRun`, the Graph request that would be sent.", body = ConversionAnswer),
+        (status = 202, description = "Transient failures outlasted the request: `queued: true`, the outbox delivers it later.", body = ConversionResult),
+        (status = 404, description = "No such account or conversation visible to the key (`account_not_found`, `conversation_not_found`).", body = ErrorBody),
+        (status = 422, description = "The conversation has no click id (`no_ctwa_clid`), or the account no dataset (`dataset_not_configured`).", body = ErrorBody),
+    ),
+)]
 pub async fn send(
-    state: web::Data<AppState>,
+    service: web::Data<conversions::Service>,
     caller: Caller,
     body: JsonBody<ConversionBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let request = validate(
-        body.into_inner(),
-        &state.settings.event_names,
-        state.clock.now_secs(),
-    )?;
+    let request = service.validate(body.into_inner())?;
     let account = caller.account(&request.account_id)?;
-    let (conversation, ctwa_clid, clicked_at) =
-        attributed_conversation(&state, &account.id, &request.lookup).await?;
-    let Some(dataset_id) = account.metadata.meta_capi_dataset_id.clone() else {
-        return Err(ApiError::new(Code::DatasetNotConfigured));
+    let answer = match service.submit(&account, request).await? {
+        Submitted::DryRun(dry_run) => ConversionAnswer::DryRun(DryRunResult::new(
+            dry_run.conversation_id,
+            dry_run.warnings,
+            dry_run.url,
+            dry_run.body,
+        )),
+        Submitted::Recorded {
+            record,
+            deduplicated,
+        } => ConversionAnswer::Result(ConversionResult::new(&record, deduplicated)),
     };
-    let mut warnings = Vec::new();
-    if request.event_time - clicked_at > state.settings.attribution_window_secs() {
-        warnings.push("outside_attribution_window".to_string());
-    }
-    let meta_body = events_request_body(
-        &MetaEvent {
-            event_name: request.event_name.as_str(),
-            event_time: request.event_time,
-            event_id: request.event_id.as_str(),
-            ctwa_clid: &ctwa_clid,
-            waba_id: &account.waba_id,
-            email_hash: request.email_hash.as_deref(),
-            external_id_hash: request.external_id_hash.as_deref(),
-            value: request.value,
-            currency: request.currency.as_ref().map(Currency::as_str),
-            content_ids: &request.content_ids,
-            automatic_event: false,
-        },
-        request.test_code.as_deref(),
-        state.settings.partner_agent.as_deref(),
-    );
-    if request.dry_run {
-        return Ok(HttpResponse::Ok().json(json!({
-            "platform": "metaads",
-            "dryRun": true,
-            "conversationId": conversation.id,
-            "warnings": warnings,
-            "request": {
-                "method": "POST",
-                "url": state.graph.events_url(&dataset_id),
-                "headers": {"Authorization": "Bearer [REDACTED]", "Content-Type": "application/json"},
-                "body": meta_body,
-            },
-        })));
-    }
-    let record = ConversionRecord::queued(
-        NewConversion {
-            account_id: account.id.clone(),
-            event_name: request.event_name.as_str().to_string(),
-            event_id: request.event_id.as_str().to_string(),
-            conversation_id: conversation.id.clone(),
-            event_time: request.event_time,
-            source: ConversionSource::Api,
-            dataset_id,
-            request_body: meta_body,
-            warnings,
-        },
-        state.clock.now().timestamp_millis(),
-    );
-    let delivered = record_and_deliver(&state, &account, record).await?;
-    let (status, body) = result_body(&delivered.record, delivered.deduplicated);
-    Ok(HttpResponse::build(status).json(body))
+    let status = match &answer {
+        ConversionAnswer::Result(result) if result.queued => StatusCode::ACCEPTED,
+        _ => StatusCode::OK,
+    };
+    Ok(HttpResponse::build(status).json(answer))
 }
 
-fn history_item(record: &ConversionRecord) -> Value {
-    json!({
-        "timestamp": rfc3339(record.created_at_ms / 1000),
-        "eventName": record.event_name,
-        "eventId": record.event_id,
-        "eventTime": rfc3339(record.event_time),
-        "conversationId": record.conversation_id,
-        "source": match record.source {
-            ConversionSource::Api => "api",
-            ConversionSource::AutomaticEvent => "automatic_event",
-        },
-        "status": record.status.as_str(),
-        "eventsReceived": record.events_received,
-        "eventsFailed": record.events_failed,
-        "traceId": record.trace_id,
-        "durationMs": record.duration_ms,
-        "attempts": record.attempts,
-        "possibleDuplicate": record.possible_duplicate,
-        "error": record.error.as_ref().map(|error| error.message.clone()),
-        "errorCode": record.error.as_ref().map(|error| error.code.clone()),
-    })
-}
-
-/// The latest conversions of a conversation, for lookups.
-pub async fn recent_for_conversation(
-    state: &AppState,
-    conversation_id: &str,
-) -> Result<Value, ApiError> {
-    let records = state
-        .store
-        .conversions_of_conversation(conversation_id.to_string(), 10)
-        .await?;
-    Ok(Value::Array(records.iter().map(history_item).collect()))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct HistoryQuery {
-    account_id: Option<String>,
-    limit: Option<i64>,
-}
-
+#[utoipa::path(
+    get,
+    path = "/v1/whatsapp/conversions",
+    tag = "conversions",
+    security(("bearer" = [])),
+    params(HistoryQuery),
+    responses(
+        (status = 200, description = "The account's conversions, newest first.", body = History),
+        (status = 404, description = "No such account visible to the key (`account_not_found`).", body = ErrorBody),
+    ),
+)]
 pub async fn history(
-    state: web::Data<AppState>,
+    service: web::Data<conversions::Service>,
     caller: Caller,
     query: web::Query<HistoryQuery>,
 ) -> Result<HttpResponse, ApiError> {
@@ -190,22 +80,24 @@ pub async fn history(
         return Err(ApiError::new(Code::InvalidLimit));
     }
     let account = caller.account(&account_id)?;
-    let records = state
-        .store
-        .conversion_history(account.id, limit as usize)
-        .await?;
-    Ok(HttpResponse::Ok()
-        .json(json!({ "events": records.iter().map(history_item).collect::<Vec<_>>() })))
+    let records = service.history(account.id, limit as usize).await?;
+    let events = records.iter().map(HistoryItem::from).collect();
+    Ok(HttpResponse::Ok().json(History { events }))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DatasetQuery {
-    account_id: Option<String>,
-}
-
+/// The account's dataset as stored; no service needed.
+#[utoipa::path(
+    get,
+    path = "/v1/whatsapp/dataset",
+    tag = "conversions",
+    security(("bearer" = [])),
+    params(DatasetQuery),
+    responses(
+        (status = 200, description = "The account's dataset id, or null; Meta is not asked.", body = DatasetAnswer),
+        (status = 404, description = "No such account visible to the key (`account_not_found`).", body = ErrorBody),
+    ),
+)]
 pub async fn get_dataset(
-    state: web::Data<AppState>,
     caller: Caller,
     query: web::Query<DatasetQuery>,
 ) -> Result<HttpResponse, ApiError> {
@@ -213,56 +105,34 @@ pub async fn get_dataset(
         return Err(ApiError::new(Code::MissingAccountId));
     };
     let account = caller.account(&account_id)?;
-    Ok(HttpResponse::Ok().json(json!({ "datasetId": account.metadata.meta_capi_dataset_id })))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DatasetBody {
-    account_id: String,
-}
-
-fn meta_failure(error: crate::graph::GraphError) -> ApiError {
-    ApiError::new(Code::MetaError)
-        .message(format!(
-            "Meta refused the dataset request. {}",
-            error.actionable_message()
-        ))
-        .with_details(json!({
-            "metaCode": error.meta_code(),
-            "metaSubcode": error.meta_subcode(),
-            "traceId": error.trace_id(),
-        }))
+    Ok(HttpResponse::Ok().json(DatasetAnswer {
+        dataset_id: account.metadata.meta_capi_dataset_id,
+    }))
 }
 
 /// Reads the WABA's dataset from Meta and creates one when there is none; stores it on the
 /// account. Safe to repeat.
+#[utoipa::path(
+    post,
+    path = "/v1/whatsapp/dataset",
+    tag = "conversions",
+    security(("bearer" = [])),
+    request_body = DatasetBody,
+    responses(
+        (status = 200, description = "The dataset, found or created at Meta, now stored on the account.", body = ProvisionedDataset),
+        (status = 404, description = "No such account visible to the key (`account_not_found`).", body = ErrorBody),
+        (status = 502, description = "Meta refused (`meta_error`), with Meta's code and a fix hint.", body = MetaErrorBody),
+    ),
+)]
 pub async fn provision_dataset(
-    state: web::Data<AppState>,
+    service: web::Data<conversions::Service>,
     caller: Caller,
     body: JsonBody<DatasetBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut account = caller.account(&body.account_id)?;
-    let existing = state
-        .graph
-        .get_dataset(&account.waba_id, &account.access_token)
-        .await
-        .map_err(meta_failure)?;
-    let (dataset_id, created) = match existing {
-        Some(dataset_id) => (dataset_id, false),
-        None => (
-            state
-                .graph
-                .create_dataset(&account.waba_id, &account.access_token)
-                .await
-                .map_err(meta_failure)?,
-            true,
-        ),
-    };
-    if account.metadata.meta_capi_dataset_id.as_ref() != Some(&dataset_id) {
-        account.metadata.meta_capi_dataset_id = Some(dataset_id.clone());
-        account.updated_at = state.clock.now_secs();
-        state.store.update_account(account).await?;
-    }
-    Ok(HttpResponse::Ok().json(json!({ "datasetId": dataset_id, "created": created })))
+    let account = caller.account(&body.account_id)?;
+    let provisioned = service.provision_dataset(account).await?;
+    Ok(HttpResponse::Ok().json(ProvisionedDataset {
+        dataset_id: provisioned.dataset_id,
+        created: provisioned.created,
+    }))
 }

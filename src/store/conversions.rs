@@ -15,11 +15,7 @@ use super::unit::{TreeName, Tx};
 use super::{decode, encode, key, prefix, Store, StoreError, Trees};
 
 fn record_key(record: &ConversionRecord) -> Vec<u8> {
-    key(&[
-        record.account_id(),
-        record.event_name(),
-        record.event_id(),
-    ])
+    key(&[record.account_id(), record.event_name(), record.event_id()])
 }
 
 fn index_key(first: &str, created_at_ms: i64, record_key: &[u8]) -> Vec<u8> {

@@ -669,7 +669,7 @@ async fn automatic_events_are_forwarded_once_when_the_account_opts_in() {
     assert_eq!(app.post_webhook_json(&event).await.status(), 200);
     assert_eq!(app.post_webhook_json(&event).await.status(), 200);
 
-    let history = wait_for_status(&app, "sent").await;
+    let history = deliver_until_status(&app, "sent").await;
     let item = &history["events"][0];
     assert_eq!(item["eventName"], "Purchase");
     assert_eq!(item["source"], "automatic_event");
@@ -686,9 +686,12 @@ async fn automatic_events_are_forwarded_once_when_the_account_opts_in() {
     assert_eq!(sent["data"][0]["user_data"]["ctwa_clid"], "CLID-AUTO");
 }
 
-/// Polls the history until its newest event has `status` (the outbox works in the background).
-pub async fn wait_for_status(app: &TestApp, status: &str) -> Value {
-    for _ in 0..200 {
+/// Runs outbox passes until the newest event of the sample account has `status`, and returns
+/// the history then. Before each pass the app's clock moves a minute ahead, past every backoff
+/// and resend guard of the test settings, so each pass tries every queued record once.
+pub async fn deliver_until_status(app: &TestApp, status: &str) -> Value {
+    const PASSES: usize = 20;
+    for _ in 0..=PASSES {
         let history: Value = app
             .get(
                 &format!("/v1/whatsapp/conversions?accountId={SAMPLE_ACCOUNT_ID}"),
@@ -701,7 +704,8 @@ pub async fn wait_for_status(app: &TestApp, status: &str) -> Value {
         if history["events"][0]["status"] == status {
             return history;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        app.clock.advance(chrono::Duration::minutes(1));
+        app.run_outbox_once().await;
     }
-    panic!("no conversion reached status {status}");
+    panic!("no conversion reached status {status} in {PASSES} outbox passes");
 }

@@ -2,7 +2,7 @@
 //! server standing in for Meta's Graph API. Nothing here reaches the internet.
 
 use std::path::Path;
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use ctwa_relay::clock::{Clock, ManualClock};
@@ -44,6 +44,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub graph: MockServer,
     pub clock: ManualClock,
+    /// The app's conversions service: tests run outbox passes with it instead of waiting.
+    pub conversions: Arc<ctwa_relay::conversions::Service>,
     _temp: Option<TempDir>,
 }
 
@@ -84,6 +86,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
         .await
         .expect("the application builds");
     let address = format!("http://127.0.0.1:{}", application.port());
+    let conversions = application.conversions();
     tokio::spawn(application.run_until_stopped());
     TestApp {
         address,
@@ -93,6 +96,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
             .unwrap(),
         graph,
         clock: handle,
+        conversions,
         _temp: Some(temp),
     }
 }
@@ -316,6 +320,22 @@ impl TestApp {
 
     pub async fn metrics(&self) -> String {
         self.get("/metrics", None).await.text().await.unwrap()
+    }
+
+    /// One outbox pass, now, by the app's clock: what the background worker does on its next
+    /// poll. Passes never overlap, so this and the worker never send the same record twice.
+    pub async fn run_outbox_once(&self) {
+        self.conversions
+            .deliver_due(&tokio_util::sync::CancellationToken::new())
+            .await
+            .expect("the outbox pass succeeds");
+    }
+
+    /// The journal retention the worker runs once an hour, now, by the app's clock.
+    pub async fn prune_journal_now(&self) {
+        self.conversions
+            .prune_journal(&tokio_util::sync::CancellationToken::new())
+            .await;
     }
 }
 
