@@ -202,8 +202,7 @@ pub trait AttributionUnit {
     fn put_conversation(&mut self, conversation: &Conversation) -> Result<(), StoreError>;
 
     /// Keeps an automatic event whose message is not seen yet; false when it was already held.
-    fn hold_event(&mut self, account_id: &str, event: &AutomaticEvent)
-        -> Result<bool, StoreError>;
+    fn hold_event(&mut self, account_id: &str, event: &AutomaticEvent) -> Result<bool, StoreError>;
     /// Takes the events held for this message.
     fn take_held_events(
         &mut self,

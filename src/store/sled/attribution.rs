@@ -65,8 +65,13 @@ impl Store {
 
     /// Runs `work` as one unit; durable on return.
     pub(super) async fn unit(&self, work: UnitOfWork) -> Result<IngestReport, StoreError> {
-        self.commit(move |tx| work(&mut SledUnit { tx, journal_seq: None }))
-            .await
+        self.commit(move |tx| {
+            work(&mut SledUnit {
+                tx,
+                journal_seq: None,
+            })
+        })
+        .await
     }
 
     /// Deletes journal entries received before `cutoff` (unix seconds), except bodies still held
@@ -104,7 +109,10 @@ impl Store {
         .await
     }
 
-    pub(super) async fn conversation(&self, id: String) -> Result<Option<Conversation>, StoreError> {
+    pub(super) async fn conversation(
+        &self,
+        id: String,
+    ) -> Result<Option<Conversation>, StoreError> {
         self.run(move |inner| {
             inner
                 .trees
@@ -206,7 +214,6 @@ fn load_conversations(trees: &Trees, ids: &[String]) -> Result<Vec<Conversation>
     Ok(conversations)
 }
 
-
 fn journal_entry(entry: &[u8]) -> Result<JournaledWebhook, StoreError> {
     if entry.len() < 8 {
         return Err(StoreError::Corrupt("a journal entry is truncated".into()));
@@ -235,7 +242,10 @@ impl SledUnit<'_, '_> {
             return Ok(None);
         };
         let user_key = String::from_utf8_lossy(&user_key).into_owned();
-        match self.tx.get(TreeName::Users, &key(&[account_id, &user_key]))? {
+        match self
+            .tx
+            .get(TreeName::Users, &key(&[account_id, &user_key]))?
+        {
             Some(bytes) => Ok(Some(decode(&bytes)?)),
             None => Err(StoreError::Corrupt(format!(
                 "an index points at missing user {user_key}"
@@ -247,7 +257,10 @@ impl SledUnit<'_, '_> {
 impl AttributionUnit for SledUnit<'_, '_> {
     fn account_for_number(&mut self, phone_number_id: &str) -> Option<String> {
         let caches = self.tx.inner.caches.read().expect("cache lock poisoned");
-        caches.account_by_phone_number_id.get(phone_number_id).cloned()
+        caches
+            .account_by_phone_number_id
+            .get(phone_number_id)
+            .cloned()
     }
 
     fn hold_for_number(&mut self, phone_number_id: &str) -> Result<(), StoreError> {
@@ -281,7 +294,10 @@ impl AttributionUnit for SledUnit<'_, '_> {
         account_id: &str,
         message_id: &str,
     ) -> Result<Option<SeenMessage>, StoreError> {
-        let Some(marker) = self.tx.get(TreeName::Messages, &key(&[account_id, message_id]))? else {
+        let Some(marker) = self
+            .tx
+            .get(TreeName::Messages, &key(&[account_id, message_id]))?
+        else {
             return Ok(None);
         };
         if marker.len() < 8 {
@@ -331,8 +347,16 @@ impl AttributionUnit for SledUnit<'_, '_> {
             .map(|bytes| decode(&bytes))
             .transpose()?;
         let indexes = [
-            (TreeName::PhoneIndex, user.wa_id(), previous.as_ref().and_then(UserRecord::wa_id)),
-            (TreeName::BsuidIndex, user.bsuid(), previous.as_ref().and_then(UserRecord::bsuid)),
+            (
+                TreeName::PhoneIndex,
+                user.wa_id(),
+                previous.as_ref().and_then(UserRecord::wa_id),
+            ),
+            (
+                TreeName::BsuidIndex,
+                user.bsuid(),
+                previous.as_ref().and_then(UserRecord::bsuid),
+            ),
         ];
         for (index, id, indexed) in indexes {
             if let Some(id) = id {
@@ -362,14 +386,11 @@ impl AttributionUnit for SledUnit<'_, '_> {
         Ok(())
     }
 
-    fn hold_event(
-        &mut self,
-        account_id: &str,
-        event: &AutomaticEvent,
-    ) -> Result<bool, StoreError> {
+    fn hold_event(&mut self, account_id: &str, event: &AutomaticEvent) -> Result<bool, StoreError> {
         let held_key = key(&[account_id, &event.message_id, &event.event_name]);
         let known = self.tx.contains_key(TreeName::PendingEvents, &held_key)?;
-        self.tx.insert(TreeName::PendingEvents, held_key, encode(event)?);
+        self.tx
+            .insert(TreeName::PendingEvents, held_key, encode(event)?);
         Ok(!known)
     }
 

@@ -75,14 +75,23 @@ impl<'a> Tx<'a> {
         if let Some(pending) = self.writes.get(&(tree, key.to_vec())) {
             return Ok(pending.clone());
         }
-        Ok(self.trees().named(tree).get(key)?.map(|value| value.to_vec()))
+        Ok(self
+            .trees()
+            .named(tree)
+            .get(key)?
+            .map(|value| value.to_vec()))
     }
 
     pub(crate) fn contains_key(&self, tree: TreeName, key: &[u8]) -> Result<bool, StoreError> {
         Ok(self.get(tree, key)?.is_some())
     }
 
-    pub(crate) fn insert(&mut self, tree: TreeName, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+    pub(crate) fn insert(
+        &mut self,
+        tree: TreeName,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) {
         self.writes.insert((tree, key.into()), Some(value.into()));
     }
 
