@@ -92,39 +92,28 @@ pub enum ConversionError {
     Store(#[from] StoreError),
 }
 
-impl ConversionError {
-    /// The catalogue code this error is answered with.
-    pub fn code(&self) -> Code {
-        match self {
+impl From<ConversionError> for ApiError {
+    fn from(error: ConversionError) -> Self {
+        let code = match error {
+            // The store's own mapping: 503 for a failed disk, 409 for a conflict.
+            ConversionError::Store(store) => return ApiError::from(store),
+            ConversionError::DatasetRefused(ref graph) => {
+                return ApiError::new(Code::MetaError)
+                    .message(error.to_string())
+                    .with_details(json!({
+                        "metaCode": graph.meta_code(),
+                        "metaSubcode": graph.meta_subcode(),
+                        "traceId": graph.trace_id(),
+                    }))
+            }
             ConversionError::ConversationNotFound { .. }
             | ConversionError::PhoneWithoutConversation => Code::ConversationNotFound,
             ConversionError::PhoneWithoutClickId
             | ConversionError::StatusAdWithoutClickId
             | ConversionError::OrganicConversation => Code::NoCtwaClid,
             ConversionError::DatasetNotConfigured => Code::DatasetNotConfigured,
-            ConversionError::DatasetRefused(_) => Code::MetaError,
-            ConversionError::Store(_) => Code::StoreUnavailable,
-        }
-    }
-}
-
-impl From<ConversionError> for ApiError {
-    fn from(error: ConversionError) -> Self {
-        let code = error.code();
-        match error {
-            ConversionError::Store(error) => ApiError::from(error),
-            ConversionError::DatasetRefused(graph) => {
-                let details = json!({
-                    "metaCode": graph.meta_code(),
-                    "metaSubcode": graph.meta_subcode(),
-                    "traceId": graph.trace_id(),
-                });
-                ApiError::new(code)
-                    .message(ConversionError::DatasetRefused(graph).to_string())
-                    .with_details(details)
-            }
-            other => ApiError::new(code).message(other.to_string()),
-        }
+        };
+        ApiError::new(code).message(error.to_string())
     }
 }
 
@@ -195,10 +184,6 @@ impl Service {
             outbox_wakeup: Notify::new(),
             worker_pass: tokio::sync::Mutex::new(()),
         }
-    }
-
-    pub fn policy(&self) -> &DeliveryPolicy {
-        &self.policy
     }
 
     fn now_ms(&self) -> i64 {
@@ -540,5 +525,102 @@ impl Service {
             dataset_id,
             created,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::StatusCode;
+    use actix_web::ResponseError;
+
+    use super::*;
+    use crate::graph::MetaError;
+
+    /// Every refusal keeps the code, status and message the API answered before the service
+    /// existed.
+    #[test]
+    fn refusals_answer_with_their_catalogue_codes() {
+        let cases = [
+            (
+                ConversionError::ConversationNotFound {
+                    id: "c1".into(),
+                    account_id: "acc".into(),
+                },
+                "conversation_not_found",
+                StatusCode::NOT_FOUND,
+                "no conversation \"c1\" on account \"acc\"",
+            ),
+            (
+                ConversionError::PhoneWithoutConversation,
+                "conversation_not_found",
+                StatusCode::NOT_FOUND,
+                "this phone has no conversation on the account",
+            ),
+            (
+                ConversionError::PhoneWithoutClickId,
+                "no_ctwa_clid",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "none of this phone's conversations",
+            ),
+            (
+                ConversionError::StatusAdWithoutClickId,
+                "no_ctwa_clid",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Status-placement ad",
+            ),
+            (
+                ConversionError::OrganicConversation,
+                "no_ctwa_clid",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "organic chat",
+            ),
+            (
+                ConversionError::DatasetNotConfigured,
+                "dataset_not_configured",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "POST /v1/whatsapp/dataset",
+            ),
+            (
+                ConversionError::Store(StoreError::TaskGone),
+                "store_unavailable",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "retry later",
+            ),
+        ];
+        for (error, code, status, message) in cases {
+            let answer = ApiError::from(error);
+            assert_eq!(answer.code(), code);
+            assert_eq!(answer.status_code(), status, "{code}");
+            assert!(answer.text().contains(message), "{code}: {}", answer.text());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_dataset_request_is_a_502_with_metas_codes() {
+        let refusal = GraphError::Meta {
+            http_status: 400,
+            error: Box::new(MetaError {
+                message: "Permissions error".into(),
+                code: 200,
+                error_subcode: Some(1),
+                error_user_title: None,
+                error_user_msg: None,
+                fbtrace_id: Some("TRACE".into()),
+            }),
+        };
+        let answer = ApiError::from(ConversionError::DatasetRefused(refusal));
+        assert_eq!(answer.code(), "meta_error");
+        assert_eq!(answer.status_code(), StatusCode::BAD_GATEWAY);
+        assert!(answer
+            .text()
+            .starts_with("Meta refused the dataset request. "));
+        let body = actix_web::body::to_bytes(answer.error_response().into_body())
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["code"], "meta_error");
+        assert_eq!(body["metaCode"], 200);
+        assert_eq!(body["metaSubcode"], 1);
+        assert_eq!(body["traceId"], "TRACE");
     }
 }
