@@ -30,6 +30,10 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The route label of a request that no route matches.
 const UNMATCHED_ROUTE: &str = "unmatched";
 
+/// The target of the one line per request, so that a filter can leave the access log out and keep
+/// the rest: `RUST_LOG=info,ctwa_relay::access=warn` keeps only the failed requests' WARN lines.
+pub const ACCESS_LOG: &str = "ctwa_relay::access";
+
 /// Installs the global tracing subscriber. `RUST_LOG` overrides the default filter. Colours only
 /// when standard output is a terminal, so files and log collectors get plain text.
 pub fn init(format: LogFormat) {
@@ -189,8 +193,8 @@ impl RootSpanBuilder for RequestSpan {
 ///
 /// The line is INFO `request served`, or for a 5xx WARN `request failed`, rate-limited per route
 /// and status (a full disk fails every request the same way); the 5xx lines the limit holds back
-/// are DEBUG. It carries the status and the latency; the span adds the id, method and route.
-/// Never bodies, query strings or headers.
+/// are DEBUG, all under the target [`ACCESS_LOG`]. It carries the status and the latency; the
+/// span adds the id, method and route. Never bodies, query strings or headers.
 pub async fn answer_request(
     metrics: web::Data<Metrics>,
     request: ServiceRequest,
@@ -214,16 +218,27 @@ pub async fn answer_request(
         let key = format!("{} {}", status.as_u16(), context.route);
         match FAILED_REQUEST_LOG.admit("request failed", &key, Instant::now()) {
             Some(suppressed) => tracing::warn!(
+                target: ACCESS_LOG,
                 status = status.as_u16(),
                 elapsed_ms,
                 suppressed,
                 "request failed (logged once per {} s per route and status; `suppressed` counts the others)",
                 FAILED_REQUEST_LOG_INTERVAL.as_secs()
             ),
-            None => tracing::debug!(status = status.as_u16(), elapsed_ms, "request failed"),
+            None => tracing::debug!(
+                target: ACCESS_LOG,
+                status = status.as_u16(),
+                elapsed_ms,
+                "request failed"
+            ),
         }
     } else {
-        tracing::info!(status = status.as_u16(), elapsed_ms, "request served");
+        tracing::info!(
+            target: ACCESS_LOG,
+            status = status.as_u16(),
+            elapsed_ms,
+            "request served"
+        );
     }
 
     let is_json = response
@@ -384,6 +399,7 @@ mod tests {
         assert_eq!(request_lines.len(), 2, "{events:#?}");
         let (first, second) = (request_lines[0], request_lines[1]);
         assert_eq!(first["level"], "INFO");
+        assert_eq!(first["target"], ACCESS_LOG);
         assert_eq!(first["span"]["request_id"], "req-abc");
         assert_eq!(first["span"]["method"], "GET");
         assert_eq!(first["span"]["route"], "/things/{id}");
