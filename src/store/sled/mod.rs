@@ -7,7 +7,6 @@
 //! (group commit). sled 0.34's `flush_async` is deliberately not used: it deadlocks when several
 //! flushes are awaited at once (spacejam/sled#1241).
 
-#[path = "../accounts.rs"]
 mod accounts;
 mod attribution;
 #[path = "../conversions.rs"]

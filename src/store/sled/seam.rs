@@ -5,52 +5,13 @@ use bytes::Bytes;
 
 use super::SledStore;
 use crate::attribution::Conversation;
-use crate::domain::account::{Account, ApiKey};
 use crate::domain::conversion_record::{Begin, ConversionRecord};
 use crate::domain::user::UserRecord;
 use crate::ingest::IngestReport;
 use crate::store::{
-    AccountDeletion, AccountFilter, AccountStore, AttributionStore, ConversionStore, StoreError,
+    AccountFilter, AttributionStore, ConversionStore, StoreError,
     StoreHealth, UnitOfWork,
 };
-
-#[async_trait]
-impl AccountStore for SledStore {
-    fn account(&self, id: &str) -> Option<Account> {
-        SledStore::account(self, id)
-    }
-    fn account_by_phone_number_id(&self, phone_number_id: &str) -> Option<Account> {
-        SledStore::account_by_phone_number_id(self, phone_number_id)
-    }
-    fn accounts(&self) -> Vec<Account> {
-        SledStore::accounts(self)
-    }
-    async fn create_account(&self, account: Account) -> Result<Account, StoreError> {
-        SledStore::create_account(self, account).await
-    }
-    async fn update_account(&self, account: Account) -> Result<Account, StoreError> {
-        SledStore::update_account(self, account).await
-    }
-    async fn delete_account(
-        &self,
-        id: String,
-        deleted_at: i64,
-    ) -> Result<Option<AccountDeletion>, StoreError> {
-        SledStore::delete_account(self, id, deleted_at).await
-    }
-    fn api_key_by_hash(&self, key_hash: &str) -> Option<ApiKey> {
-        SledStore::api_key_by_hash(self, key_hash)
-    }
-    fn api_keys(&self) -> Vec<ApiKey> {
-        SledStore::api_keys(self)
-    }
-    async fn create_api_key(&self, api_key: ApiKey) -> Result<ApiKey, StoreError> {
-        SledStore::create_api_key(self, api_key).await
-    }
-    async fn revoke_api_key(&self, id: String) -> Result<bool, StoreError> {
-        SledStore::revoke_api_key(self, id).await
-    }
-}
 
 #[async_trait]
 impl AttributionStore for SledStore {
