@@ -64,6 +64,51 @@ mod tests {
         assert!(Secret::new("").matches(""));
     }
 
+    /// Whether `T` implements `Serialize` or `PartialEq`, asked without naming the answer in
+    /// a bound (autoref specialisation: the trait on `Probe<T>` wins when its bound holds, the
+    /// one on `&Probe<T>` otherwise), so a derive added back makes these tests fail.
+    struct Probe<T>(std::marker::PhantomData<T>);
+
+    fn probe<T>() -> Probe<T> {
+        Probe(std::marker::PhantomData)
+    }
+
+    trait SerializeYes {
+        fn serializes(&self) -> bool {
+            true
+        }
+    }
+    impl<T: serde::Serialize> SerializeYes for Probe<T> {}
+    trait SerializeNo {
+        fn serializes(&self) -> bool {
+            false
+        }
+    }
+    impl<T> SerializeNo for &Probe<T> {}
+
+    trait CompareYes {
+        fn compares(&self) -> bool {
+            true
+        }
+    }
+    impl<T: PartialEq> CompareYes for Probe<T> {}
+    trait CompareNo {
+        fn compares(&self) -> bool {
+            false
+        }
+    }
+    impl<T> CompareNo for &Probe<T> {}
+
+    #[test]
+    fn neither_a_secret_nor_an_account_serializes_or_compares() {
+        use crate::domain::account::Account;
+        let (string, secret, account) =
+            (&probe::<String>(), &probe::<Secret>(), &probe::<Account>());
+        assert!(string.serializes() && string.compares());
+        assert!(!secret.serializes() && !secret.compares());
+        assert!(!account.serializes() && !account.compares());
+    }
+
     #[test]
     fn deserializes_from_a_json_string() {
         let secret: Secret = serde_json::from_str("\"EAAG-token\"").unwrap();
