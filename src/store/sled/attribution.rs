@@ -12,6 +12,7 @@
 //! - `messages`: account, wamid → message timestamp (8 bytes BE) ++ conversation id
 //! - `pending_events`: account, wamid, event name → [`AutomaticEvent`] whose message is unseen
 
+use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::unit::{TreeName, Tx};
@@ -19,12 +20,15 @@ use super::{decode, encode, key, prefix, Store, StoreError, Trees};
 use crate::attribution::{AutomaticEvent, Conversation};
 use crate::domain::user::UserRecord;
 use crate::ingest::IngestReport;
-use crate::store::{AttributionUnit, JournaledWebhook, SeenMessage, UnitOfWork};
+use crate::store::{
+    AccountFilter, AttributionStore, AttributionUnit, JournaledWebhook, SeenMessage, UnitOfWork,
+};
 
-impl Store {
+#[async_trait]
+impl AttributionStore for Store {
     /// Journals a verified body (in parallel with other requests, on the blocking pool), then
     /// runs `apply` as one unit on the writer thread, then waits for both to be durable.
-    pub(super) async fn journal_and_apply(
+    async fn record_webhook(
         &self,
         raw: Bytes,
         received_at: i64,
@@ -63,8 +67,7 @@ impl Store {
         Ok((seq, report))
     }
 
-    /// Runs `work` as one unit; durable on return.
-    pub(super) async fn unit(&self, work: UnitOfWork) -> Result<IngestReport, StoreError> {
+    async fn attribution_unit(&self, work: UnitOfWork) -> Result<IngestReport, StoreError> {
         self.commit(move |tx| {
             work(&mut SledUnit {
                 tx,
@@ -74,45 +77,44 @@ impl Store {
         .await
     }
 
-    /// Deletes journal entries received before `cutoff` (unix seconds), except bodies still held
-    /// for a number without an account. At most `limit` per call; returns how many went.
-    pub(super) async fn prune_journal(&self, cutoff: i64, limit: usize) -> Result<u64, StoreError> {
-        self.run(move |inner| {
-            let trees = &inner.trees;
-            let mut held = std::collections::HashSet::new();
-            for item in trees.unrouted.iter() {
-                let (unrouted_key, _) = item?;
-                if unrouted_key.len() >= 8 {
-                    held.insert(unrouted_key[unrouted_key.len() - 8..].to_vec());
+    async fn prune_journal(&self, cutoff: i64, limit: usize) -> Result<u64, StoreError> {
+        let removed = self
+            .run(move |inner| {
+                let trees = &inner.trees;
+                let mut held = std::collections::HashSet::new();
+                for item in trees.unrouted.iter() {
+                    let (unrouted_key, _) = item?;
+                    if unrouted_key.len() >= 8 {
+                        held.insert(unrouted_key[unrouted_key.len() - 8..].to_vec());
+                    }
                 }
-            }
-            let mut removed = 0;
-            for item in trees.journal.iter() {
-                let (seq, entry) = item?;
-                if entry.len() < 8 {
-                    return Err(StoreError::Corrupt("a journal entry is truncated".into()));
+                let mut removed = 0;
+                for item in trees.journal.iter() {
+                    let (seq, entry) = item?;
+                    if entry.len() < 8 {
+                        return Err(StoreError::Corrupt("a journal entry is truncated".into()));
+                    }
+                    let received_at =
+                        i64::from_be_bytes(entry[..8].try_into().expect("eight bytes"));
+                    // Entries are in arrival order: the first young one ends the pass.
+                    if received_at >= cutoff || removed as usize >= limit {
+                        break;
+                    }
+                    if held.contains(seq.as_ref()) {
+                        continue;
+                    }
+                    trees.journal.remove(&seq)?;
+                    trees.unparseable.remove(&seq)?;
+                    removed += 1;
                 }
-                let received_at = i64::from_be_bytes(entry[..8].try_into().expect("eight bytes"));
-                // Entries are in arrival order: the first young one ends the pass.
-                if received_at >= cutoff || removed as usize >= limit {
-                    break;
-                }
-                if held.contains(seq.as_ref()) {
-                    continue;
-                }
-                trees.journal.remove(&seq)?;
-                trees.unparseable.remove(&seq)?;
-                removed += 1;
-            }
-            Ok(removed)
-        })
-        .await
+                Ok(removed)
+            })
+            .await?;
+        self.durable().await?;
+        Ok(removed)
     }
 
-    pub(super) async fn conversation(
-        &self,
-        id: String,
-    ) -> Result<Option<Conversation>, StoreError> {
+    async fn conversation(&self, id: String) -> Result<Option<Conversation>, StoreError> {
         self.run(move |inner| {
             inner
                 .trees
@@ -124,7 +126,7 @@ impl Store {
         .await
     }
 
-    pub(super) async fn user(
+    async fn user(
         &self,
         account_id: String,
         user_key: String,
@@ -140,13 +142,11 @@ impl Store {
         .await
     }
 
-    /// Every user known by this phone number or BSUID, with their conversations (newest first),
-    /// on the accounts `visible` accepts.
-    pub(super) async fn users_with_conversations(
+    async fn users_with_conversations(
         &self,
         phone: Option<String>,
         bsuid: Option<String>,
-        visible: crate::store::AccountFilter,
+        visible: AccountFilter,
     ) -> Result<Vec<(UserRecord, Vec<Conversation>)>, StoreError> {
         self.run(move |inner| {
             let trees = &inner.trees;
@@ -181,9 +181,7 @@ impl Store {
         .await
     }
 
-    /// The conversations of the user this phone number names on the account; `None` when the
-    /// phone has no user there.
-    pub(super) async fn phone_conversations(
+    async fn phone_conversations(
         &self,
         account_id: String,
         phone: String,

@@ -26,7 +26,9 @@ use crate::domain::account::{Account, ApiKey};
 
 pub use open::MARKER_FILE;
 
-use super::StoreError;
+use async_trait::async_trait;
+
+use super::{StoreError, StoreHealth};
 use unit::Tx;
 
 /// The on-disk layout this build reads and writes. Bump it with a migration when key encodings
@@ -331,12 +333,6 @@ impl SledStore {
         self.noted(outcome)
     }
 
-    /// A synchronous flush, for the very end of shutdown.
-    pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        let outcome = self.inner.disk.flush();
-        self.noted(outcome)
-    }
-
     /// Remembers a failure that means the disk or sled refused a write or a flush.
     fn noted<T>(&self, outcome: Result<T, StoreError>) -> Result<T, StoreError> {
         if let Err(error) = &outcome {
@@ -355,9 +351,12 @@ impl SledStore {
         }
         outcome
     }
+}
 
+#[async_trait]
+impl StoreHealth for SledStore {
     /// The failure remembered since the last successful probe, if any.
-    pub fn failure(&self) -> Option<String> {
+    fn failure(&self) -> Option<String> {
         self.inner
             .failure
             .lock()
@@ -367,7 +366,7 @@ impl SledStore {
 
     /// Liveness: cheap while nothing has failed. After a write or flush failed, a fresh readiness
     /// probe decides: success forgets the failure, another failure is returned.
-    pub async fn check_alive(&self) -> Result<(), StoreError> {
+    async fn check_alive(&self) -> Result<(), StoreError> {
         if self.failure().is_none() {
             return Ok(());
         }
@@ -389,7 +388,7 @@ impl SledStore {
     }
 
     /// Readiness: a write, a durable flush and a read back.
-    pub async fn check_ready(&self) -> Result<(), StoreError> {
+    async fn check_ready(&self) -> Result<(), StoreError> {
         let stamp = chrono::Utc::now().timestamp_millis().to_be_bytes();
         self.run(move |inner| {
             inner.trees.meta.insert(b"readyz", &stamp)?;
@@ -406,6 +405,12 @@ impl SledStore {
                 "the readiness probe did not read back its own write".into(),
             )),
         }
+    }
+
+    /// A synchronous flush, for the very end of shutdown.
+    fn flush_blocking(&self) -> Result<(), StoreError> {
+        let outcome = self.inner.disk.flush();
+        self.noted(outcome)
     }
 }
 
