@@ -13,11 +13,11 @@ use crate::secret::Secret;
 pub struct MetadataBody {
     /// The Meta dataset (pixel) conversions go to; digits only.
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<String>, pattern = "^[0-9]+$")]
+    #[schema(value_type = Option<String>, pattern = "^[0-9]{1,32}$")]
     pub meta_capi_dataset_id: Option<Option<String>>,
     /// Digits only.
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<String>, pattern = "^[0-9]+$")]
+    #[schema(value_type = Option<String>, pattern = "^[0-9]{1,32}$")]
     pub connected_facebook_page_id: Option<Option<String>>,
 }
 
@@ -26,17 +26,19 @@ pub struct MetadataBody {
 #[serde(rename_all = "camelCase")]
 pub struct CreateAccountBody {
     /// 1-64 letters, digits, `_`, `-` or `.`; generated when absent.
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
     pub id: Option<String>,
     pub name: Option<String>,
     /// Meta's numeric id of the WhatsApp number; unique among accounts.
-    #[schema(pattern = "^[0-9]+$")]
+    #[schema(pattern = "^[0-9]{1,32}$")]
     pub phone_number_id: String,
     /// Meta's numeric id of the WhatsApp Business Account.
-    #[schema(pattern = "^[0-9]+$")]
+    #[schema(pattern = "^[0-9]{1,32}$")]
     pub waba_id: String,
     pub display_phone_number: Option<String>,
-    /// Write-only: responses show `hasAccessToken` instead.
-    #[schema(value_type = String, write_only)]
+    /// Meta's system-user token, 1-4096 visible ASCII characters. Write-only: responses show
+    /// `hasAccessToken` instead.
+    #[schema(value_type = String, write_only, pattern = "^[!-~]{1,4096}$")]
     pub access_token: Secret,
     pub metadata: Option<MetadataBody>,
     /// Forward Meta's automatic events (purchases, leads detected in chats) as conversions.
@@ -51,14 +53,15 @@ pub struct UpdateAccountBody {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<String>)]
     pub name: Option<Option<String>>,
-    #[schema(pattern = "^[0-9]+$")]
+    #[schema(pattern = "^[0-9]{1,32}$")]
     pub phone_number_id: Option<String>,
-    #[schema(pattern = "^[0-9]+$")]
+    #[schema(pattern = "^[0-9]{1,32}$")]
     pub waba_id: Option<String>,
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<String>)]
     pub display_phone_number: Option<Option<String>>,
-    #[schema(value_type = Option<String>, write_only)]
+    /// 1-4096 visible ASCII characters; write-only.
+    #[schema(value_type = Option<String>, write_only, pattern = "^[!-~]{1,4096}$")]
     pub access_token: Option<Secret>,
     pub metadata: Option<MetadataBody>,
     pub forward_automatic_events: Option<bool>,
@@ -119,9 +122,11 @@ pub struct AccountList {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateKeyBody {
-    /// 1-200 characters.
+    /// 1-200 characters, not blank.
+    #[schema(min_length = 1, max_length = 200, pattern = "\\S")]
     pub name: String,
     /// The accounts the key may use; at least one, each registered.
+    #[schema(min_items = 1)]
     pub account_ids: Vec<String>,
 }
 

@@ -238,6 +238,7 @@ pub struct AttributionAnswer {
 #[into_params(parameter_in = Query)]
 pub struct AttributionQuery {
     /// Digits with the country code (7-15); `phone` or `bsuid` is required.
+    #[param(pattern = "^[0-9]{7,15}$")]
     pub phone: Option<String>,
     /// A business-scoped user id.
     pub bsuid: Option<String>,

@@ -13,6 +13,7 @@ use crate::routes::rfc3339;
 #[serde(rename_all = "camelCase")]
 pub struct ConversionBody {
     /// An account visible to the key.
+    #[schema(min_length = 1, pattern = "\\S")]
     pub account_id: String,
     /// From the allowlist (Meta's business-messaging events); `Lead` is refused with a hint to
     /// use `LeadSubmitted`.

@@ -2,8 +2,6 @@
 //! SPEC §4.4 that turn it into a [`ValidConversion`]. Pure (no store, no clock), so the parser
 //! that faces the internet can be fuzzed and property-tested on its own.
 
-use serde::Deserialize;
-
 use crate::conversions::payload::normalise_and_hash;
 use crate::domain::conversion::{
     parse_event_time, parse_value, Currency, EventId, EventName, FieldError,
@@ -11,25 +9,8 @@ use crate::domain::conversion::{
 use crate::domain::phone::PhoneDigits;
 use crate::error::{ApiError, Code};
 
-/// The request body, as Zernio names it. Unknown fields are ignored.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ConversionBody {
-    account_id: String,
-    event_name: String,
-    event_id: String,
-    event_time: Option<i64>,
-    conversation_id: Option<String>,
-    phone_e164: Option<String>,
-    value: Option<f64>,
-    currency: Option<String>,
-    content_ids: Option<Vec<String>>,
-    email: Option<String>,
-    external_id: Option<String>,
-    test_code: Option<String>,
-    #[serde(default)]
-    dry_run: bool,
-}
+/// The request body, as Zernio names it; a DTO of the API, so the document describes it.
+pub use crate::api::conversions::ConversionBody;
 
 /// How the conversation is found: by its id (preferred) or by the user's phone.
 #[derive(Debug)]

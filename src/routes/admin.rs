@@ -30,11 +30,14 @@ fn check_meta_id(field: &'static str, value: &str) -> Result<(), ApiError> {
     )))
 }
 
+/// The token goes into an `Authorization` header on every Graph call, so it must be one: visible
+/// ASCII, no spaces (a control character or non-ASCII letter would make every call fail).
 fn check_access_token(token: &Secret) -> Result<(), ApiError> {
     let token = token.expose();
-    if token.trim().is_empty() || token.len() > 4096 || token.chars().any(char::is_whitespace) {
-        return Err(ApiError::new(Code::InvalidField)
-            .message("accessToken must be a non-empty token without spaces"));
+    if token.is_empty() || token.len() > 4096 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::new(Code::InvalidField).message(
+            "accessToken must be a non-empty token of visible ASCII characters without spaces",
+        ));
     }
     Ok(())
 }
@@ -276,7 +279,7 @@ pub async fn create_key(
     caller.require_admin()?;
     let body = body.into_inner();
     let name = body.name.trim().to_string();
-    if name.is_empty() || name.len() > 200 {
+    if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::new(Code::InvalidField).message("name must be 1-200 characters"));
     }
     if body.account_ids.is_empty() {

@@ -56,7 +56,12 @@ async fn the_document_is_openapi_3_1_with_the_bearer_scheme_and_error_codes() {
     let codes = document["components"]["schemas"]["ErrorCode"]["enum"]
         .as_array()
         .unwrap();
-    for code in ["unauthorized", "account_not_found", "no_ctwa_clid", "store_unavailable"] {
+    for code in [
+        "unauthorized",
+        "account_not_found",
+        "no_ctwa_clid",
+        "store_unavailable",
+    ] {
         assert!(codes.contains(&Value::from(code)), "{code} is not listed");
     }
     // Every error answer of every operation is the error body.
@@ -66,7 +71,9 @@ async fn the_document_is_openapi_3_1_with_the_bearer_scheme_and_error_codes() {
                 if status.starts_with('4') || status.starts_with('5') {
                     let schema = &response["content"]["application/json"]["schema"]["$ref"];
                     assert!(
-                        schema.as_str().is_some_and(|schema| schema.ends_with("ErrorBody")),
+                        schema
+                            .as_str()
+                            .is_some_and(|schema| schema.ends_with("ErrorBody")),
                         "{method} {path} {status} has no error body: {response}"
                     );
                 }
@@ -88,7 +95,9 @@ async fn every_documented_operation_is_a_route() {
         for (method, operation) in item.as_object().unwrap() {
             operations += 1;
             let method: reqwest::Method = method.to_uppercase().parse().unwrap();
-            let secured = operation["security"].as_array().is_some_and(|s| !s.is_empty());
+            let secured = operation["security"]
+                .as_array()
+                .is_some_and(|s| !s.is_empty());
             let answer = app
                 .client
                 .request(method.clone(), app.url(&concrete))
@@ -97,7 +106,9 @@ async fn every_documented_operation_is_a_route() {
                 .unwrap();
             let status = answer.status().as_u16();
             let body = answer.text().await.unwrap();
-            let code = serde_json::from_str::<Value>(&body).ok().map(|body| body["code"].clone());
+            let code = serde_json::from_str::<Value>(&body)
+                .ok()
+                .map(|body| body["code"].clone());
             assert!(
                 code != Some(Value::from("not_found")) && status != 405,
                 "{method} {path} is documented but not routed: {status} {body}"
@@ -111,9 +122,16 @@ async fn every_documented_operation_is_a_route() {
                     .send()
                     .await
                     .unwrap();
-                assert_ne!(authorised.status(), 401, "{method} {path} with the admin token");
+                assert_ne!(
+                    authorised.status(),
+                    401,
+                    "{method} {path} with the admin token"
+                );
             }
         }
     }
-    assert!(operations >= 20, "only {operations} operations are documented");
+    assert!(
+        operations >= 20,
+        "only {operations} operations are documented"
+    );
 }
