@@ -412,7 +412,10 @@ mod tests {
 
     /// What attribution decided, without the generated conversation ids: per user, each
     /// conversation's attribution click and the clicks with a click id it holds.
-    fn attribution_of(unit: &MemoryUnit) -> BTreeMap<String, Vec<(Option<String>, Vec<String>)>> {
+    /// Per user key: (attribution click, clicks with a click id) of each conversation.
+    type Attribution = BTreeMap<String, Vec<(Option<String>, Vec<String>)>>;
+
+    fn attribution_of(unit: &MemoryUnit) -> Attribution {
         let mut outcome = BTreeMap::new();
         for ((_, user_key), user) in &unit.users {
             let mut conversations: Vec<_> = user

@@ -47,6 +47,9 @@ pub enum StoreError {
     Sled(#[from] ::sled::Error),
     #[error("a stored record is corrupt: {0}")]
     Corrupt(String),
+    /// A record that does not decode (or, never expected, does not encode).
+    #[error("a stored record cannot be read or written as JSON")]
+    Encoding(#[from] serde_json::Error),
     #[error("the store at {path} has layout version {found}, this build reads version {expected}; run the matching ctwa-relay release or migrate the data first")]
     LayoutVersion {
         path: String,

@@ -9,10 +9,12 @@
 //! The record and its rules live in [`crate::domain::conversion_record`]; this file only keeps
 //! records and their index entries in step. Every write method returns once durable.
 
-use crate::domain::conversion_record::{Begin, ConversionRecord, ConversionStatus};
+use async_trait::async_trait;
 
 use super::unit::{TreeName, Tx};
 use super::{decode, encode, key, prefix, Store, StoreError, Trees};
+use crate::domain::conversion_record::{Begin, ConversionRecord, ConversionStatus};
+use crate::store::ConversionStore;
 
 fn record_key(record: &ConversionRecord) -> Vec<u8> {
     key(&[record.account_id(), record.event_name(), record.event_id()])
@@ -126,11 +128,12 @@ fn newest_first(
     Ok(records)
 }
 
-impl Store {
+#[async_trait]
+impl ConversionStore for Store {
     /// Records a conversion before it is sent, as [`ConversionRecord::begin`] decides against
     /// the record already stored under its key. Returns once what it answers is durable (also an
     /// existing record, which a concurrent request may have written a moment ago).
-    pub async fn begin_conversion(&self, record: ConversionRecord) -> Result<Begin, StoreError> {
+    async fn begin_conversion(&self, record: ConversionRecord) -> Result<Begin, StoreError> {
         self.commit(move |tx| {
             let previous = stored(tx, &record_key(&record))?;
             let begin = record.begin(previous.as_ref());
@@ -144,7 +147,7 @@ impl Store {
 
     /// Stores a conversion's new state (an attempt in flight, an outcome, a new outbox time);
     /// returns once it is durable.
-    pub async fn save_conversion(&self, record: ConversionRecord) -> Result<(), StoreError> {
+    async fn save_conversion(&self, record: ConversionRecord) -> Result<(), StoreError> {
         self.commit(move |tx| {
             let previous = stored(tx, &record_key(&record))?;
             put(tx, &record, previous.as_ref())
@@ -153,7 +156,7 @@ impl Store {
     }
 
     /// Queued conversions whose next attempt is due, oldest first.
-    pub async fn due_conversions(
+    async fn due_conversions(
         &self,
         now_ms: i64,
         limit: usize,
@@ -191,12 +194,12 @@ impl Store {
         .await
     }
 
-    pub async fn outbox_depth(&self) -> Result<u64, StoreError> {
+    async fn outbox_depth(&self) -> Result<u64, StoreError> {
         self.run(|inner| Ok(inner.trees.outbox.len() as u64)).await
     }
 
     /// The account's conversions, newest first.
-    pub async fn conversion_history(
+    async fn conversion_history(
         &self,
         account_id: String,
         limit: usize,
@@ -213,7 +216,7 @@ impl Store {
     }
 
     /// A conversation's conversions, newest first.
-    pub async fn conversions_of_conversation(
+    async fn conversions_of_conversation(
         &self,
         conversation_id: String,
         limit: usize,

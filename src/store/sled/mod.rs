@@ -9,10 +9,8 @@
 
 mod accounts;
 mod attribution;
-#[path = "../conversions.rs"]
 mod conversions;
 mod open;
-mod seam;
 mod unit;
 
 use std::collections::HashMap;
@@ -264,7 +262,7 @@ impl SledStore {
         F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
-        let outcome = tokio::task::spawn_blocking(move || work(&inner))
+        let outcome = crate::telemetry::spawn_blocking_in_span(move || work(&inner))
             .await
             .map_err(|_| StoreError::TaskGone)
             .and_then(|outcome| outcome);
@@ -279,8 +277,10 @@ impl SledStore {
     {
         let inner = Arc::clone(&self.inner);
         let (reply, answer) = oneshot::channel();
+        // The job runs in the caller's span, so its log lines carry the request id.
+        let span = tracing::Span::current();
         let job: WriteJob = Box::new(move || {
-            let _ = reply.send(work(&inner));
+            let _ = reply.send(span.in_scope(|| work(&inner)));
         });
         let outcome = match self.inner.writer.jobs.send(job) {
             Ok(()) => answer
@@ -434,11 +434,11 @@ pub(crate) fn prefix(parts: &[&str]) -> Vec<u8> {
 }
 
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|error| StoreError::Corrupt(error.to_string()))
+    Ok(serde_json::to_vec(value)?)
 }
 
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt(error.to_string()))
+    Ok(serde_json::from_slice(bytes)?)
 }
 
 #[cfg(test)]

@@ -53,6 +53,9 @@ impl Trees {
     }
 }
 
+/// A key and its value.
+pub(crate) type Entry = (Vec<u8>, Vec<u8>);
+
 pub(crate) struct Tx<'a> {
     pub(crate) inner: &'a Inner,
     /// Pending writes: `None` removes the key.
@@ -104,7 +107,7 @@ impl<'a> Tx<'a> {
         &self,
         tree: TreeName,
         prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         let mut entries = BTreeMap::new();
         for item in self.trees().named(tree).scan_prefix(prefix) {
             let (key, value) = item?;
