@@ -9,6 +9,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
+use crate::api::errors::ErrorBody;
 use crate::store::StoreError;
 
 /// Declares the catalogue: each code once, with its HTTP status and its default message.
@@ -139,12 +140,6 @@ pub struct ApiError {
     details: Option<serde_json::Value>,
 }
 
-#[derive(Serialize)]
-struct Envelope<'a> {
-    error: &'a str,
-    code: &'a str,
-}
-
 impl From<Code> for ApiError {
     fn from(code: Code) -> Self {
         Self::new(code)
@@ -225,9 +220,10 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        let envelope = Envelope {
-            error: &self.message,
-            code: self.code.as_str(),
+        // The document's own error body, so what is served is what is described.
+        let envelope = ErrorBody {
+            error: self.message.to_string(),
+            code: self.code,
         };
         let Some(details) = &self.details else {
             // Serialised from the struct, so `error` comes first as in `{"error":"Unauthorized"}`.
