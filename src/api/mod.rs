@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 use actix_web::HttpResponse;
 use serde::Serialize;
+use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::{HttpMethod, OperationBuilder};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{
@@ -62,7 +63,7 @@ pub const BEARER: &str = "bearer";
         routes::attribution::conversation,
     ),
     components(schemas(errors::ErrorBody, errors::MetaErrorBody)),
-    modifiers(&Operations, &CommonErrors, &AlwaysPresent),
+    modifiers(&Operations, &CommonErrors, &RequestIdHeader, &AlwaysPresent),
     tags(
         (name = "operations", description = "Liveness, readiness, metrics and this document; no authentication."),
         (name = "webhook", description = "Meta's webhook: the subscription handshake and signed deliveries."),
@@ -239,6 +240,41 @@ impl Modify for CommonErrors {
         }
     }
 }
+
+/// Every response carries `X-Request-Id` (SPEC §4): the caller's own when it sent a valid one.
+struct RequestIdHeader;
+
+impl Modify for RequestIdHeader {
+    fn modify(&self, openapi: &mut Document) {
+        let header = HeaderBuilder::new()
+            .schema(String::schema())
+            .description(Some(
+                "The request's id, in every log line about it: the caller's valid \
+                 X-Request-Id, or a new one.",
+            ))
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                for response in operation.responses.responses.values_mut() {
+                    if let RefOr::T(response) = response {
+                        response
+                            .headers
+                            .insert(REQUEST_ID_HEADER.to_string(), header.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+const REQUEST_ID_HEADER: &str = "X-Request-Id";
 
 /// Response bodies whose every field is always present (an absent value is `null`), so the
 /// document marks every property required.
