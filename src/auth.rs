@@ -33,7 +33,9 @@ pub struct Caller {
 
 impl std::fmt::Debug for Caller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Caller").field("scope", &self.scope).finish()
+        f.debug_struct("Caller")
+            .field("scope", &self.scope)
+            .finish()
     }
 }
 

@@ -17,11 +17,11 @@ use crate::clock::Clock;
 use crate::conversions::{self, DeliveryPolicy};
 use crate::error::{ApiError, Code};
 use crate::graph::GraphClient;
+use crate::ingest;
 use crate::json_body;
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::settings::Settings;
-use crate::ingest;
 use crate::store::{SledStore, Store};
 use crate::telemetry;
 
@@ -236,9 +236,13 @@ pub fn configure_routes(config: &mut web::ServiceConfig) {
 }
 
 fn query_error(error: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
-    ApiError::new(Code::InvalidQuery).message(error.to_string()).into()
+    ApiError::new(Code::InvalidQuery)
+        .message(error.to_string())
+        .into()
 }
 
 fn path_error(error: PathError, _: &HttpRequest) -> actix_web::Error {
-    ApiError::new(Code::InvalidPath).message(error.to_string()).into()
+    ApiError::new(Code::InvalidPath)
+        .message(error.to_string())
+        .into()
 }

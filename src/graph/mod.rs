@@ -184,7 +184,11 @@ impl GraphClient {
             .build()?;
         Ok(Self {
             http,
-            base_url: settings.graph_url.as_str().trim_end_matches('/').to_string(),
+            base_url: settings
+                .graph_url
+                .as_str()
+                .trim_end_matches('/')
+                .to_string(),
             version: settings.graph_version.clone(),
             timeout: settings.graph_timeout,
         })

@@ -11,8 +11,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::error::{ApiError, Code};
-use crate::secret::Secret;
 use crate::ingest::{self, Rejection};
+use crate::secret::Secret;
 
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 
