@@ -56,6 +56,13 @@ impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
                     ))
                     .into());
             }
+            // serde reads a struct from an array too, field by position; the API's bodies are
+            // objects only.
+            if !raw.get().trim_start().starts_with('{') {
+                return Err(ApiError::new(Code::InvalidField)
+                    .message("the body must be a JSON object")
+                    .into());
+            }
             serde_json::from_str(raw.get())
                 .map(JsonBody)
                 .map_err(|error| json_error(JsonPayloadError::Deserialize(error), &request))

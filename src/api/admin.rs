@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::api::object_or_null;
 use crate::domain::account::{Account, ApiKey};
 use crate::routes::{double_option, rfc3339};
 use crate::secret::Secret;
@@ -40,6 +41,7 @@ pub struct CreateAccountBody {
     /// `hasAccessToken` instead.
     #[schema(value_type = String, write_only, pattern = "^[!-~]{1,4096}$")]
     pub access_token: Secret,
+    #[serde(default, deserialize_with = "object_or_null")]
     pub metadata: Option<MetadataBody>,
     /// Forward Meta's automatic events (purchases, leads detected in chats) as conversions.
     #[serde(default)]
@@ -63,6 +65,7 @@ pub struct UpdateAccountBody {
     /// 1-4096 visible ASCII characters; write-only.
     #[schema(value_type = Option<String>, write_only, pattern = "^[!-~]{1,4096}$")]
     pub access_token: Option<Secret>,
+    #[serde(default, deserialize_with = "object_or_null")]
     pub metadata: Option<MetadataBody>,
     pub forward_automatic_events: Option<bool>,
 }

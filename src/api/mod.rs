@@ -29,6 +29,38 @@ pub struct StatusBody {
     pub status: &'static str,
 }
 
+/// Reads an optional nested object: serde would also read a struct from an array, field by
+/// position, which no client means.
+pub(crate) fn object_or_null<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::Error;
+    use serde::Deserialize;
+    match Option::<serde_json::Value>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(value @ serde_json::Value::Object(_)) => {
+            T::deserialize(value).map(Some).map_err(D::Error::custom)
+        }
+        Some(other) => Err(D::Error::custom(format!(
+            "invalid type: {}, expected an object",
+            json_type(&other)
+        ))),
+    }
+}
+
+fn json_type(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
 /// The name of the bearer security scheme (the admin token or an API key), as the handlers'
 /// `security(("bearer" = []))` attributes spell it.
 pub const BEARER: &str = "bearer";

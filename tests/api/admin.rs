@@ -1183,3 +1183,33 @@ async fn an_access_token_that_cannot_be_a_header_is_refused() {
     .await;
     assert_eq!(status, 201, "{text}");
 }
+
+/// Found by schemathesis: serde reads a struct from an array too (fields by position), so
+/// `"metadata": [null, null]` or a whole body sent as an array used to be accepted.
+#[tokio::test]
+async fn objects_sent_as_arrays_are_refused() {
+    let app = spawn_app().await;
+    let mut body = account_body(Some("acc_array"), SAMPLE_PHONE_NUMBER_ID);
+    body["metadata"] = json!([SAMPLE_DATASET_ID, null]);
+    let (status, text) = call(
+        &app,
+        Method::POST,
+        "/v1/admin/accounts",
+        Some(ADMIN_TOKEN),
+        Some(&body),
+    )
+    .await;
+    assert_error(status, &text, 400, "invalid_field");
+    assert!(text.contains("expected an object"), "{text}");
+
+    let (status, text) = call(
+        &app,
+        Method::POST,
+        "/v1/admin/api-keys",
+        Some(ADMIN_TOKEN),
+        Some(&json!(["reporting", [SAMPLE_ACCOUNT_ID]])),
+    )
+    .await;
+    assert_error(status, &text, 400, "invalid_field");
+    assert!(text.contains("JSON object"), "{text}");
+}
