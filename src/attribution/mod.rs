@@ -1,7 +1,8 @@
 //! Conversations and first-touch attribution (SPEC §5.2), as pure functions over plain data.
 //!
-//! Nothing here knows about HTTP or the store: the store reads a user's conversations, asks
-//! these functions what changes, and writes the result back on its writer thread.
+//! Nothing here knows about HTTP or the store: the ingest rules (`ingest::first_touch`) read a
+//! user's conversations in a unit of work, ask these functions what changes, and write the
+//! result back in the same unit.
 
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +75,12 @@ pub struct Conversation {
     /// Every click, in the order received.
     pub clicks: Vec<Click>,
     pub automatic_events: Vec<AutomaticEvent>,
+    /// Set when a late click re-partitioned the user's clicks and this conversation's segment
+    /// became another one's: the id of that conversation. The record stays so that its id (held
+    /// by clients, conversion records and the markers of its messages) still names a
+    /// conversation; it holds nothing else any more and is no longer in the user's list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
 }
 
 impl Conversation {
@@ -87,6 +94,7 @@ impl Conversation {
             message_count: 0,
             clicks: Vec::new(),
             automatic_events: Vec::new(),
+            merged_into: None,
         }
     }
 
@@ -140,7 +148,9 @@ pub enum Placement {
     New,
 }
 
-/// Chooses the conversation of an inbound message (rules 1 and 4).
+/// Chooses the conversation of an inbound message (rules 1 and 4). Ingestion places messages
+/// that carry a click with [`place_click`], which also re-partitions the user's clicks; this
+/// places the others.
 ///
 /// The message belongs to the conversation that was current at its timestamp: the latest one
 /// started at or before it, or the earliest one if the message predates them all (a reordered
@@ -201,6 +211,222 @@ pub fn record_inbound(
     if let Some(click) = click {
         conversation.clicks.push(click);
     }
+}
+
+/// The timestamps at which a user's conversations start, as processing every click in
+/// timestamp order decides them (rules 3 and 4): the earliest click carrying a `ctwa_clid`
+/// starts the first, and each later one starts at the first such click more than the window
+/// after the previous start. Depends only on the set of clicks, never on their arrival order.
+pub fn conversation_starts<'a>(
+    clicks: impl IntoIterator<Item = &'a Click>,
+    window_secs: i64,
+) -> Vec<i64> {
+    let mut clicked: Vec<i64> = clicks
+        .into_iter()
+        .filter(|click| click.ctwa_clid.is_some())
+        .map(|click| click.clicked_at)
+        .collect();
+    clicked.sort_unstable();
+    let mut starts: Vec<i64> = Vec::new();
+    for clicked_at in clicked {
+        match starts.last() {
+            Some(&start) if clicked_at - start <= window_secs => {}
+            _ => starts.push(clicked_at),
+        }
+    }
+    starts
+}
+
+/// The segment (index into `starts`) a timestamp falls in; anything before the first start
+/// belongs to the first segment.
+fn segment_of(starts: &[i64], timestamp: i64) -> usize {
+    starts
+        .partition_point(|&start| start <= timestamp)
+        .saturating_sub(1)
+}
+
+/// What [`place_click`] did to a user's conversations.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Regrouping {
+    /// Index of the conversation the message joined.
+    pub joined: usize,
+    /// Indices of the conversations opened (appended to the slice).
+    pub opened: Vec<usize>,
+    /// Indices of the conversations whose segment became another one's: each now holds only
+    /// `merged_into`, and leaves the user's list.
+    pub merged: Vec<usize>,
+    /// Indices of every conversation that changed (including opened and merged ones).
+    pub changed: Vec<usize>,
+    /// Messages that moved to another conversation: (message id, its conversation id now).
+    pub moved: Vec<(String, String)>,
+}
+
+/// Places an inbound message that carries a click (rules 1 to 4), in a way that does not
+/// depend on arrival order: the user's conversations are re-partitioned as if every click had
+/// arrived in timestamp order.
+///
+/// `conversations` are the user's (without merged ones). The segments are those of
+/// [`conversation_starts`] over all their clicks and this one. Each segment keeps the
+/// conversation whose click-id attribution lies in it (the earliest, if several do: only state
+/// written before this rule existed can have several); the first segment may also keep a
+/// conversation without any click id (organic, or Status-ad clicks only). A segment nobody
+/// keeps gets a conversation from `open` (given its start). Every click moves to the
+/// conversation of its segment, with its message (counted there, its automatic events with
+/// it), so the conversation ids clients hold stay valid whenever their attribution click
+/// still starts a segment. A conversation left without a segment is merged into the one its
+/// attribution (or start) now falls in: its remaining message count, its time bounds and its
+/// automatic events go there, and it keeps only `merged_into`. Messages without a click
+/// cannot be told apart per conversation: they stay where they are, except in merged ones.
+pub fn place_click(
+    conversations: &mut Vec<Conversation>,
+    message_timestamp: i64,
+    click: Click,
+    window_secs: i64,
+    mut open: impl FnMut(i64) -> Conversation,
+) -> Regrouping {
+    // A redelivered click changes nothing.
+    if let Some(joined) = conversations.iter().position(|conversation| {
+        conversation
+            .clicks
+            .iter()
+            .any(|known| known.message_id == click.message_id && known.via == click.via)
+    }) {
+        return Regrouping {
+            joined,
+            ..Regrouping::default()
+        };
+    }
+    let starts = conversation_starts(
+        conversations
+            .iter()
+            .flat_map(|conversation| &conversation.clicks)
+            .chain(std::iter::once(&click)),
+        window_secs,
+    );
+    let segments = starts.len().max(1);
+    let known = conversations.len();
+    // Where each conversation stood: its attribution, or its start when it has none.
+    let anchors: Vec<i64> = conversations
+        .iter()
+        .map(|conversation| {
+            conversation
+                .ctwa_attribution()
+                .map_or(conversation.started_at, |click| click.clicked_at)
+        })
+        .collect();
+
+    // Which conversation keeps each segment.
+    let mut owner: Vec<Option<usize>> = vec![None; segments];
+    let mut attributed: Vec<(i64, &str, usize)> = conversations
+        .iter()
+        .enumerate()
+        .filter_map(|(index, conversation)| {
+            conversation
+                .ctwa_attribution()
+                .map(|click| (click.clicked_at, click.message_id.as_str(), index))
+        })
+        .collect();
+    attributed.sort_unstable();
+    for (clicked_at, _, index) in attributed {
+        owner[segment_of(&starts, clicked_at)].get_or_insert(index);
+    }
+    if owner[0].is_none() {
+        owner[0] = conversations
+            .iter()
+            .position(|conversation| conversation.ctwa_attribution().is_none());
+    }
+    let mut regrouping = Regrouping::default();
+    for (segment, kept_by) in owner.iter_mut().enumerate() {
+        if kept_by.is_none() {
+            let start = starts.get(segment).copied().unwrap_or(message_timestamp);
+            conversations.push(open(start));
+            regrouping.opened.push(conversations.len() - 1);
+            *kept_by = Some(conversations.len() - 1);
+        }
+    }
+    let owner: Vec<usize> = owner.into_iter().flatten().collect();
+    let mut changed = vec![false; conversations.len()];
+    for &index in &regrouping.opened {
+        changed[index] = true;
+    }
+
+    // Every click to the conversation of its segment, with its message.
+    for from in 0..known {
+        let (staying, leaving): (Vec<Click>, Vec<Click>) =
+            std::mem::take(&mut conversations[from].clicks)
+                .into_iter()
+                .partition(|click| owner[segment_of(&starts, click.clicked_at)] == from);
+        conversations[from].clicks = staying;
+        let mut moved_messages: Vec<(String, i64, usize)> = Vec::new();
+        for click in leaving {
+            let to = owner[segment_of(&starts, click.clicked_at)];
+            if !moved_messages
+                .iter()
+                .any(|(message_id, _, _)| *message_id == click.message_id)
+            {
+                moved_messages.push((click.message_id.clone(), click.clicked_at, to));
+            }
+            conversations[to].clicks.push(click);
+            changed[from] = true;
+            changed[to] = true;
+        }
+        for (message_id, timestamp, to) in moved_messages {
+            let source = &mut conversations[from];
+            source.message_count = source.message_count.saturating_sub(1);
+            let (events, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut source.automatic_events)
+                .into_iter()
+                .partition(|event| event.message_id == message_id);
+            source.automatic_events = kept;
+            let target = &mut conversations[to];
+            target.message_count += 1;
+            target.started_at = target.started_at.min(timestamp);
+            target.last_inbound_at = target.last_inbound_at.max(timestamp);
+            target.automatic_events.extend(events);
+            regrouping.moved.push((message_id, target.id.clone()));
+        }
+    }
+
+    // Conversations left without a segment merge into the one that now holds it.
+    for from in 0..known {
+        if owner.contains(&from) {
+            continue;
+        }
+        let to = owner[segment_of(&starts, anchors[from])];
+        let source = &mut conversations[from];
+        let message_count = std::mem::take(&mut source.message_count);
+        let events = std::mem::take(&mut source.automatic_events);
+        let (started_at, last_inbound_at) = (source.started_at, source.last_inbound_at);
+        // Its clicks moved above; whatever is left (none, unless state was inconsistent) too.
+        let clicks = std::mem::take(&mut source.clicks);
+        let target_id = conversations[to].id.clone();
+        conversations[from].merged_into = Some(target_id);
+        let target = &mut conversations[to];
+        target.message_count += message_count;
+        target.started_at = target.started_at.min(started_at);
+        target.last_inbound_at = target.last_inbound_at.max(last_inbound_at);
+        target.clicks.extend(clicks);
+        for event in events {
+            if !target
+                .automatic_events
+                .iter()
+                .any(|known| known.same_event(&event))
+            {
+                target.automatic_events.push(event);
+            }
+        }
+        regrouping.merged.push(from);
+        changed[from] = true;
+        changed[to] = true;
+    }
+
+    let joined = owner[segment_of(&starts, click.clicked_at)];
+    record_inbound(&mut conversations[joined], message_timestamp, Some(click));
+    changed[joined] = true;
+    regrouping.joined = joined;
+    regrouping.changed = (0..conversations.len())
+        .filter(|&index| changed[index])
+        .collect();
+    regrouping
 }
 
 /// Keeps an automatic event on its conversation and, when the conversation has no click id yet,
@@ -465,5 +691,78 @@ mod tests {
         record_inbound(&mut organic, 100 + 3 * WEEK, None);
         let all = [first, second, organic];
         assert_eq!(most_recent_attributed(&all).unwrap().id, "second");
+    }
+
+    #[test]
+    fn conversations_start_where_timestamp_order_would_start_them() {
+        let clicks = [
+            click("d", 430, Some("D")),
+            click("b", 314, Some("B")),
+            click("status", 200, None),
+            click("a", 0, Some("A")),
+            click("c", 351, Some("C")),
+        ];
+        assert_eq!(conversation_starts(&clicks, 100), vec![0, 314, 430]);
+        assert_eq!(conversation_starts(&clicks[..2], 100), vec![314, 430]);
+        assert_eq!(conversation_starts(&clicks[2..3], 100), Vec::<i64>::new());
+    }
+
+    fn open_at(started_at: i64) -> Conversation {
+        conversation(&format!("new-{started_at}"), started_at)
+    }
+
+    #[test]
+    fn a_late_click_moves_the_clicks_it_now_starts_a_conversation_for() {
+        // C and D share a conversation until B arrives: then {B, C} and {D}.
+        let mut conv = conversation("kept", 351);
+        record_inbound(&mut conv, 351, Some(click("c", 351, Some("C"))));
+        record_inbound(&mut conv, 430, Some(click("d", 430, Some("D"))));
+        let mut conversations = vec![conv];
+        let regrouping = place_click(
+            &mut conversations,
+            314,
+            click("b", 314, Some("B")),
+            100,
+            open_at,
+        );
+        assert_eq!(regrouping.joined, 0);
+        assert_eq!(regrouping.opened, vec![1]);
+        assert_eq!(regrouping.merged, Vec::<usize>::new());
+        assert_eq!(regrouping.changed, vec![0, 1]);
+        assert_eq!(
+            regrouping.moved,
+            vec![("d".to_string(), "new-430".to_string())]
+        );
+        let [kept, opened] = &conversations[..] else {
+            panic!("two conversations")
+        };
+        assert_eq!(kept.attribution().unwrap().message_id, "b");
+        assert_eq!((kept.message_count, kept.started_at), (2, 314));
+        assert_eq!(opened.attribution().unwrap().message_id, "d");
+        assert_eq!((opened.message_count, opened.started_at), (1, 430));
+    }
+
+    #[test]
+    fn a_status_ad_click_goes_to_the_conversation_of_its_segment() {
+        let mut first = conversation("first", 0);
+        record_inbound(&mut first, 0, Some(click("a", 0, Some("A"))));
+        let mut second = conversation("second", 314);
+        record_inbound(&mut second, 314, Some(click("b", 314, Some("B"))));
+        let mut conversations = vec![second, first];
+        let late = place_click(&mut conversations, 90, click("s1", 90, None), 100, open_at);
+        let early = place_click(&mut conversations, -5, click("s2", -5, None), 100, open_at);
+        let after = place_click(
+            &mut conversations,
+            900,
+            click("s3", 900, None),
+            100,
+            open_at,
+        );
+        assert_eq!((late.joined, early.joined, after.joined), (1, 1, 0));
+        assert_eq!(conversations.len(), 2, "a Status-ad click opens nothing");
+        // A redelivered click changes nothing.
+        let again = place_click(&mut conversations, 90, click("s1", 90, None), 100, open_at);
+        assert_eq!((again.joined, again.changed.len()), (1, 0));
+        assert_eq!(conversations[1].message_count, 3);
     }
 }

@@ -75,6 +75,11 @@ impl UserRecord {
     pub fn add_conversation(&mut self, conversation_id: String) {
         self.conversation_ids.push(conversation_id);
     }
+
+    /// Drops a conversation merged into another one (its record stays, for its id).
+    pub fn remove_conversation(&mut self, conversation_id: &str) {
+        self.conversation_ids.retain(|id| id != conversation_id);
+    }
 }
 
 #[cfg(test)]
