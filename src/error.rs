@@ -1,4 +1,9 @@
-//! One error type for the HTTP API and its JSON envelope: `{"error": "...", "code": "..."}`.
+//! The API's errors: one catalogue of codes ([`Code`]: code, HTTP status, default message), one
+//! error type built from it ([`ApiError`]), and one JSON envelope, `{"error": "...", "code": "..."}`.
+//!
+//! A 5xx body never carries internal detail: failures of ours go through [`ApiError::internal`]
+//! (or the store's mapping), which log the whole cause chain once and answer the catalogue's
+//! fixed message. Only `meta_error` (502) says more, and what it says is Meta's own answer.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
