@@ -3,7 +3,7 @@
 //!
 //! A 5xx body never carries internal detail: failures of ours go through [`ApiError::internal`]
 //! (or the store's mapping), which log the whole cause chain once and answer the catalogue's
-//! fixed message. Only `meta_error` (502) says more, and what it says is Meta's own answer.
+//! fixed message. Only `meta_error` (502) says more: Meta's answer, or how the call to Meta failed.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
