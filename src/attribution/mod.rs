@@ -276,7 +276,9 @@ pub struct Regrouping {
 /// still starts a segment. A conversation left without a segment is merged into the one its
 /// attribution (or start) now falls in: its remaining message count, its time bounds and its
 /// automatic events go there, and it keeps only `merged_into`. Messages without a click
-/// cannot be told apart per conversation: they stay where they are, except in merged ones.
+/// cannot be told apart per conversation: they stay where they are, except in merged ones; a
+/// conversation that gave messages away narrows its time bounds to its clicks only when it
+/// holds no other message.
 pub fn place_click(
     conversations: &mut Vec<Conversation>,
     message_timestamp: i64,
@@ -370,6 +372,7 @@ pub fn place_click(
             changed[from] = true;
             changed[to] = true;
         }
+        let gave_away = !moved_messages.is_empty();
         for (message_id, timestamp, to) in moved_messages {
             let source = &mut conversations[from];
             source.message_count = source.message_count.saturating_sub(1);
@@ -383,6 +386,9 @@ pub fn place_click(
             target.last_inbound_at = target.last_inbound_at.max(timestamp);
             target.automatic_events.extend(events);
             regrouping.moved.push((message_id, target.id.clone()));
+        }
+        if gave_away && owner.contains(&from) {
+            narrow_to_clicks(&mut conversations[from]);
         }
     }
 
@@ -427,6 +433,28 @@ pub fn place_click(
         .filter(|&index| changed[index])
         .collect();
     regrouping
+}
+
+/// After a conversation gave messages away, its time bounds are those of its clicks when it
+/// holds no other message; otherwise they stay (its messages without a click are not known).
+fn narrow_to_clicks(conversation: &mut Conversation) {
+    let mut messages: Vec<(&str, i64)> = conversation
+        .clicks
+        .iter()
+        .map(|click| (click.message_id.as_str(), click.clicked_at))
+        .collect();
+    messages.sort_unstable();
+    messages.dedup_by_key(|(message_id, _)| *message_id);
+    let (Some(first), Some(last)) = (
+        messages.iter().map(|(_, at)| *at).min(),
+        messages.iter().map(|(_, at)| *at).max(),
+    ) else {
+        return;
+    };
+    if conversation.message_count <= messages.len() as u64 {
+        conversation.started_at = first;
+        conversation.last_inbound_at = last;
+    }
 }
 
 /// Keeps an automatic event on its conversation and, when the conversation has no click id yet,
@@ -737,9 +765,31 @@ mod tests {
             panic!("two conversations")
         };
         assert_eq!(kept.attribution().unwrap().message_id, "b");
-        assert_eq!((kept.message_count, kept.started_at), (2, 314));
+        assert_eq!(
+            (kept.message_count, kept.started_at, kept.last_inbound_at),
+            (2, 314, 351)
+        );
         assert_eq!(opened.attribution().unwrap().message_id, "d");
         assert_eq!((opened.message_count, opened.started_at), (1, 430));
+
+        // With a message without a click among them, its bounds cannot be narrowed.
+        let mut conv = conversation("kept", 351);
+        record_inbound(&mut conv, 351, Some(click("c", 351, Some("C"))));
+        record_inbound(&mut conv, 360, None);
+        record_inbound(&mut conv, 430, Some(click("d", 430, Some("D"))));
+        let mut conversations = vec![conv];
+        place_click(
+            &mut conversations,
+            314,
+            click("b", 314, Some("B")),
+            100,
+            open_at,
+        );
+        let kept = &conversations[0];
+        assert_eq!(
+            (kept.message_count, kept.started_at, kept.last_inbound_at),
+            (3, 314, 430)
+        );
     }
 
     #[test]

@@ -647,7 +647,10 @@ mod tests {
         assert_consistent(&unit);
         let kept = &unit.conversations[&kept];
         assert_eq!(kept.attribution().unwrap().message_id, "wamid.1");
-        assert_eq!(kept.message_count, 2);
+        assert_eq!(
+            (kept.message_count, kept.started_at, kept.last_inbound_at),
+            (2, 314, 351)
+        );
         let d_conversation = &unit.conversations
             [&unit.messages[&("acc".to_string(), "wamid.3".to_string())].conversation_id];
         assert_eq!(d_conversation.message_count, 1);
