@@ -63,6 +63,10 @@ pub enum GraphError {
     Interrupted(String),
     #[error("Meta's answer could not be read: {0}")]
     Malformed(String),
+    /// The request could not even be built (for example a token that is not a valid header
+    /// value): it never left, and it would fail the same way again.
+    #[error("the request to the Graph API could not be built: {0}")]
+    Unsendable(String),
 }
 
 impl GraphError {
@@ -81,7 +85,7 @@ impl GraphError {
             GraphError::Status { status } if *status >= 500 || *status == 429 => {
                 ErrorClass::Transient
             }
-            GraphError::Status { .. } => ErrorClass::Permanent,
+            GraphError::Status { .. } | GraphError::Unsendable(_) => ErrorClass::Permanent,
             GraphError::Connect(_) => ErrorClass::Transient,
             GraphError::Timeout(_) | GraphError::Interrupted(_) => ErrorClass::Unanswered,
             // A success status with a body we cannot read: Meta may have taken the event, and it
@@ -99,6 +103,7 @@ impl GraphError {
             GraphError::Connect(_) => "connection_error".into(),
             GraphError::Interrupted(_) => "connection_interrupted".into(),
             GraphError::Malformed(_) => "malformed_response".into(),
+            GraphError::Unsendable(_) => "request_not_sent".into(),
         }
     }
 
@@ -132,6 +137,9 @@ impl GraphError {
                 ),
                 GraphError::Timeout(_) | GraphError::Interrupted(_) => format!(
                     "{self}. Meta may or may not have received the event; it is sent once more after a guard interval and flagged possibleDuplicate"
+                ),
+                GraphError::Unsendable(_) => format!(
+                    "{self}. Nothing was sent; check the account's access token (it must be plain ASCII), then send the event again"
                 ),
                 _ => format!("{self}. The event will be retried"),
             };
@@ -302,7 +310,9 @@ impl GraphClient {
 /// never left; anything later (a timeout, a reset) may have reached Meta.
 fn transport_error(error: reqwest::Error, timeout: Duration) -> GraphError {
     // Without the URL: it is ours, not news, and the error text stays short.
-    if error.is_connect() {
+    if error.is_builder() {
+        GraphError::Unsendable(crate::error::error_chain(&error.without_url()))
+    } else if error.is_connect() {
         GraphError::Connect(error.without_url().to_string())
     } else if error.is_timeout() {
         GraphError::Timeout(timeout)
@@ -400,6 +410,31 @@ mod tests {
             GraphError::Malformed("x".into()).class(),
             ErrorClass::Unreadable
         );
+    }
+
+    /// A token that is not a valid header value makes a request that cannot be built: it never
+    /// left, so its outcome is known (a permanent failure), never "unanswered".
+    #[tokio::test]
+    async fn a_request_that_cannot_be_built_was_not_sent() {
+        // A closed port: if the request were sent, this would be a connect error instead.
+        let settings = Settings {
+            graph_url: "http://127.0.0.1:9".parse().unwrap(),
+            ..Settings::default()
+        };
+        let client = GraphClient::new(&settings).unwrap();
+        let error = client
+            .send_events(
+                "1",
+                &crate::secret::Secret::new("bad\ntoken"),
+                &serde_json::json!({"data": []}),
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(error, GraphError::Unsendable(_)), "{error:?}");
+        assert_eq!(error.class(), ErrorClass::Permanent);
+        assert_eq!(error.code(), "request_not_sent");
+        assert!(error.actionable_message().contains("Nothing was sent"));
     }
 
     #[test]
