@@ -202,7 +202,7 @@ impl Service {
         lookup: &Lookup,
     ) -> Result<Attributed, ConversionError> {
         let conversation = match lookup {
-            Lookup::Conversation(id) => match self.store.conversation(id.clone()).await? {
+            Lookup::Conversation(id) => match self.conversation(id.clone()).await? {
                 Some(conversation) if conversation.account_id == account_id => conversation,
                 _ => {
                     return Err(ConversionError::ConversationNotFound {
@@ -474,6 +474,23 @@ impl Service {
             self.outbox_wakeup.notify_one();
         }
         Ok(())
+    }
+
+    /// A conversation by id. A conversation merged into another one (when a late click
+    /// regrouped its user's clicks) answers with the one it was merged into.
+    pub async fn conversation(&self, id: String) -> Result<Option<Conversation>, StoreError> {
+        let mut found = self.store.conversation(id).await?;
+        // Merges never chain in practice; the bound only guards against a corrupt loop.
+        for _ in 0..8 {
+            match found
+                .as_ref()
+                .and_then(|conversation| conversation.merged_into.clone())
+            {
+                Some(next) => found = self.store.conversation(next).await?,
+                None => break,
+            }
+        }
+        Ok(found)
     }
 
     /// The account's conversions, newest first.

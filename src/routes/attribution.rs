@@ -108,7 +108,7 @@ pub async fn conversation(
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
     let not_found = || ApiError::new(Code::ConversationNotFound);
-    let Some(conversation) = store.conversation(id).await? else {
+    let Some(conversation) = conversions.conversation(id).await? else {
         return Err(not_found());
     };
     if !caller.can_see(&conversation.account_id) {
