@@ -255,6 +255,7 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Flush(_)
             | StoreError::Sled(_)
+            | StoreError::Redb(_)
             | StoreError::Io { .. }
             | StoreError::TaskGone => {
                 log_store_failure(&error, "store unavailable");

@@ -36,6 +36,13 @@ pub const DEFAULT_EVENT_NAMES: [&str; 14] = [
 /// The largest `CTWA_MIN_FREE_MB` accepted; a bigger value is almost surely bytes, not MiB.
 const MAX_MIN_FREE_MB: u64 = 1024 * 1024;
 
+/// The embedded engine behind the storage seam.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreEngine {
+    Sled,
+    Redb,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -82,6 +89,8 @@ pub struct Settings {
     /// (MiB): sled writes a snapshot while it opens, and a partial one leaves it unopenable.
     /// 0 turns the check off.
     pub min_free_mb: u64,
+    /// The engine that opens the store in `data_dir`; each refuses the other's store.
+    pub store_engine: StoreEngine,
 }
 
 impl Default for Settings {
@@ -134,6 +143,7 @@ struct RawSettings {
     /// 0 keeps the journal forever.
     journal_retention_days: u32,
     min_free_mb: u64,
+    store_engine: String,
 }
 
 impl Default for RawSettings {
@@ -165,6 +175,7 @@ impl Default for RawSettings {
             outbox_backoff_max_ms: 3_600_000,
             journal_retention_days: 30,
             min_free_mb: 64,
+            store_engine: "sled".into(),
         }
     }
 }
@@ -304,6 +315,14 @@ impl RawSettings {
                 return Err(invalid("log_format", message));
             }
         };
+        let store_engine = match self.store_engine.trim().to_ascii_lowercase().as_str() {
+            "sled" => StoreEngine::Sled,
+            "redb" => StoreEngine::Redb,
+            other => {
+                let message = format!("expected sled or redb, got {other:?}");
+                return Err(invalid("store_engine", message));
+            }
+        };
         let message = "must be at least 1024 bytes".into();
         check(self.api_body_limit >= 1024, "api_body_limit", message)?;
         let message = "must be greater than zero";
@@ -357,6 +376,7 @@ impl RawSettings {
             unknown_resend_after: Duration::from_millis(self.unknown_resend_after_ms),
             journal_retention_days: Some(self.journal_retention_days).filter(|days| *days > 0),
             min_free_mb: self.min_free_mb,
+            store_engine,
         })
     }
 }
@@ -525,6 +545,30 @@ mod tests {
         assert!(format!("{default:?}").contains("min_free_mb: 64"));
         let off = Settings::load_from(None, env_of(&[("CTWA_MIN_FREE_MB", "0")])).unwrap();
         assert_eq!(off.min_free_bytes(), 0);
+    }
+
+    #[test]
+    fn the_store_engine_is_sled_unless_set() {
+        let default = Settings::load_from(None, env_of(&[])).unwrap();
+        assert_eq!(default.store_engine, StoreEngine::Sled);
+        let redb = Settings::load_from(None, env_of(&[("CTWA_STORE_ENGINE", " REDB ")])).unwrap();
+        assert_eq!(redb.store_engine, StoreEngine::Redb);
+        let (_dir, path) = file_of("store_engine = \"redb\"\n");
+        let from_file = Settings::load_from(Some(&path), env_of(&[])).unwrap();
+        assert_eq!(from_file.store_engine, StoreEngine::Redb);
+        let error =
+            Settings::load_from(None, env_of(&[("CTWA_STORE_ENGINE", "fjall")])).unwrap_err();
+        let shown = error.to_string();
+        assert!(shown.contains("CTWA_STORE_ENGINE"), "{shown}");
+        assert!(
+            shown.contains("expected sled or redb, got \"fjall\""),
+            "{shown}"
+        );
+        let (_dir, path) = file_of("store_engine = \"rocks\"\n");
+        let shown = Settings::load_from(Some(&path), env_of(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(shown.contains("store_engine in"), "{shown}");
     }
 
     #[test]

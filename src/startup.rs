@@ -21,8 +21,8 @@ use crate::ingest;
 use crate::json_body;
 use crate::metrics::Metrics;
 use crate::routes;
-use crate::settings::Settings;
-use crate::store::{SledStore, Store};
+use crate::settings::{Settings, StoreEngine};
+use crate::store::{RedbStore, SledStore, Store};
 use crate::telemetry;
 
 /// Meta sends webhook bodies of up to 3 MB.
@@ -47,13 +47,21 @@ impl Application {
     pub async fn build_with_clock(settings: Settings, clock: Clock) -> anyhow::Result<Self> {
         let data_dir = settings.data_dir.clone();
         let min_free_bytes = settings.min_free_bytes();
-        let sled = tokio::task::spawn_blocking(move || {
-            SledStore::open_with_free_space(&data_dir, min_free_bytes)
-        })
-        .await
-        .context("the store task panicked")?
-        .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
-        let store: Store = Arc::new(sled);
+        let engine = settings.store_engine;
+        let store =
+            tokio::task::spawn_blocking(move || -> Result<Store, crate::store::StoreError> {
+                Ok(match engine {
+                    StoreEngine::Sled => {
+                        Arc::new(SledStore::open_with_free_space(&data_dir, min_free_bytes)?)
+                    }
+                    StoreEngine::Redb => {
+                        Arc::new(RedbStore::open_with_free_space(&data_dir, min_free_bytes)?)
+                    }
+                })
+            })
+            .await
+            .context("the store task panicked")?
+            .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
         let listener = TcpListener::bind(settings.listen)
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let address = listener.local_addr()?;

@@ -18,6 +18,7 @@
 //!   read-modify-write never interleaves with another.
 //! - **Never on the executor.** Blocking engine calls run off the async executor.
 
+pub mod redb;
 pub mod sled;
 
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use crate::domain::conversion_record::{Begin, ConversionRecord};
 use crate::domain::user::UserRecord;
 use crate::ingest::IngestReport;
 
+pub use self::redb::RedbStore;
 pub use self::sled::{SledStore, MARKER_FILE};
 
 /// The shared handle every service holds.
@@ -45,6 +47,9 @@ impl<T: AccountStore + AttributionStore + ConversionStore + StoreHealth> Storage
 pub enum StoreError {
     #[error("the embedded store failed")]
     Sled(#[from] ::sled::Error),
+    /// Boxed: redb's error is large, and every store result carries this enum.
+    #[error("the embedded store (redb) failed")]
+    Redb(#[source] Box<::redb::Error>),
     #[error("a stored record is corrupt: {0}")]
     Corrupt(String),
     /// A record that does not decode (or, never expected, does not encode).
@@ -100,6 +105,14 @@ impl StoreError {
                 ::sled::Error::Io(_)
                     | ::sled::Error::Corruption { .. }
                     | ::sled::Error::ReportableBug(_)
+            ),
+            StoreError::Redb(error) => matches!(
+                **error,
+                ::redb::Error::Io(_)
+                    | ::redb::Error::Corrupted(_)
+                    | ::redb::Error::PreviousIo
+                    | ::redb::Error::DatabaseClosed
+                    | ::redb::Error::LockPoisoned(_)
             ),
             StoreError::Flush(_) | StoreError::Io { .. } | StoreError::TaskGone => true,
             _ => false,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ctwa_relay::clock::{Clock, ManualClock};
 use ctwa_relay::secret::Secret;
-use ctwa_relay::settings::Settings;
+use ctwa_relay::settings::{Settings, StoreEngine};
 use ctwa_relay::startup::Application;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
@@ -64,7 +64,18 @@ pub fn test_settings(data_dir: &Path, graph_url: &str) -> Settings {
         outbox_poll_interval: Duration::from_millis(50),
         outbox_backoff_base: Duration::from_millis(100),
         outbox_backoff_max: Duration::from_millis(400),
+        store_engine: store_engine(),
         ..Settings::default()
+    }
+}
+
+/// The engine the tests run the store on: `CTWA_TEST_STORE_ENGINE`, `sled` (the default) or
+/// `redb`.
+pub fn store_engine() -> StoreEngine {
+    match std::env::var("CTWA_TEST_STORE_ENGINE").as_deref() {
+        Err(_) | Ok("sled") => StoreEngine::Sled,
+        Ok("redb") => StoreEngine::Redb,
+        Ok(other) => panic!("CTWA_TEST_STORE_ENGINE={other}: expected sled or redb"),
     }
 }
 

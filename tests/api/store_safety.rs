@@ -21,6 +21,7 @@ fn relay(data_dir: &Path) -> Command {
         .arg("serve")
         .env_remove("CTWA_CONFIG")
         .env("CTWA_DATA_DIR", data_dir)
+        .env("CTWA_STORE_ENGINE", crate::server::store_engine_name())
         .env("CTWA_LISTEN", "127.0.0.1:0")
         .env("CTWA_APP_SECRETS", APP_SECRET)
         .env("CTWA_VERIFY_TOKEN", VERIFY_TOKEN)
@@ -152,8 +153,21 @@ async fn assert_refused(command: Command, expected: &[&str]) -> String {
     output
 }
 
+/// True when the suite runs on `engine` (`CTWA_TEST_STORE_ENGINE`); otherwise says why the test
+/// is skipped.
+fn runs_on(engine: &str, why: &str) -> bool {
+    let running = crate::server::store_engine_name();
+    if running != engine {
+        eprintln!("skipped on {running}: {why}");
+    }
+    running == engine
+}
+
 #[tokio::test]
 async fn a_store_whose_conf_was_cut_to_zero_bytes_is_refused_not_started_empty() {
+    if !runs_on("sled", "it cuts sled's own `conf` file") {
+        return;
+    }
     let data_dir = tempfile::tempdir().unwrap();
     create_store(data_dir.path()).await;
     // What a power cut did to sled's unsynced `conf` in the field.
@@ -183,6 +197,9 @@ async fn a_store_whose_conf_was_cut_to_zero_bytes_is_refused_not_started_empty()
 
 #[tokio::test]
 async fn a_store_that_sled_reads_as_empty_is_refused() {
+    if !runs_on("sled", "it removes sled's own `db` file") {
+        return;
+    }
     let data_dir = tempfile::tempdir().unwrap();
     create_store(data_dir.path()).await;
     // The log is gone but `conf` and the marker survived: sled would open an empty store.
@@ -196,6 +213,33 @@ async fn a_store_that_sled_reads_as_empty_is_refused() {
         ],
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_redb_store_whose_database_was_lost_is_refused_not_started_empty() {
+    if !runs_on("redb", "it removes redb's own `ctwa.redb` file") {
+        return;
+    }
+    let data_dir = tempfile::tempdir().unwrap();
+    create_store(data_dir.path()).await;
+    // The marker survived, the database did not: starting would serve an empty store.
+    std::fs::remove_file(data_dir.path().join("ctwa.redb")).unwrap();
+
+    let shown = data_dir.path().display().to_string();
+    assert_refused(
+        relay(data_dir.path()),
+        &[
+            "cannot be opened safely",
+            &shown,
+            "no ctwa.redb",
+            "missing or empty",
+            "refuses to start rather than serve an empty or partial store",
+            "Restore it from your latest backup",
+            "move it aside",
+        ],
+    )
+    .await;
+    assert!(!data_dir.path().join("ctwa.redb").exists());
 }
 
 #[tokio::test]

@@ -90,6 +90,11 @@ fn drain_lines(
     });
 }
 
+/// The engine the server runs its store on: `CTWA_TEST_STORE_ENGINE` (`sled` by default).
+pub fn store_engine_name() -> String {
+    std::env::var("CTWA_TEST_STORE_ENGINE").unwrap_or_else(|_| "sled".into())
+}
+
 impl RunningServer {
     /// Starts `ctwa-relay serve` on `data_dir`, listening on a random loopback port, with text
     /// logs at info and no config file; `env` is applied last, so it overrides these. Returns
@@ -121,6 +126,7 @@ impl RunningServer {
             .env_remove("CTWA_CONFIG")
             .env("CTWA_LISTEN", "127.0.0.1:0")
             .env("CTWA_DATA_DIR", data_dir)
+            .env("CTWA_STORE_ENGINE", store_engine_name())
             .env("CTWA_LOG_FORMAT", "text")
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")

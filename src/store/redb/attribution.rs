@@ -1,0 +1,407 @@
+//! The webhook journal and the attribution state in redb, and the unit of work the ingest rules
+//! run over. The keys are those of the sled store (`store/sled/attribution.rs`):
+//! - `journal`: sequence (8 bytes BE) → receive time (8 bytes BE) ++ raw body
+//! - `unparseable`: sequence → (), for bodies that are not webhooks
+//! - `unrouted`: phone number id, NUL, sequence → (), for bodies held for a number without account
+//! - `users`: account, user key → [`UserRecord`]
+//! - `phone_index`: phone digits, account → user key
+//! - `bsuid_index`: BSUID, account → user key
+//! - `conversations`: conversation id → [`Conversation`]
+//! - `messages`: account, wamid → message timestamp (8 bytes BE) ++ conversation id
+//! - `pending_events`: account, wamid, event name → [`AutomaticEvent`] whose message is unseen
+//!
+//! A webhook's journal entry is written in the same unit as its attribution changes, so one
+//! commit makes a batch of webhooks durable together with everything they changed.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::ReadTransaction;
+
+use super::unit::{TableName, Tx};
+use super::{be_i64, decode, encode, key, prefix, scan_prefix, table, Store, StoreError};
+use crate::attribution::{AutomaticEvent, Conversation};
+use crate::domain::user::UserRecord;
+use crate::ingest::IngestReport;
+use crate::store::{
+    AccountFilter, AttributionStore, AttributionUnit, JournaledWebhook, SeenMessage, UnitOfWork,
+};
+
+/// How many journal entries `prune_journal` reads at a time.
+const PRUNE_PAGE: usize = 512;
+
+#[async_trait]
+impl AttributionStore for Store {
+    /// Appends the body to the journal and runs `apply` in one unit of the writer's next batch;
+    /// returns once the batch is committed.
+    async fn record_webhook(
+        &self,
+        raw: Bytes,
+        received_at: i64,
+        apply: Option<UnitOfWork>,
+    ) -> Result<(u64, IngestReport), StoreError> {
+        self.unit(move |tx| {
+            let seq = tx.next_journal_seq();
+            let mut entry = Vec::with_capacity(8 + raw.len());
+            entry.extend_from_slice(&received_at.to_be_bytes());
+            entry.extend_from_slice(&raw);
+            tx.insert(TableName::Journal, seq.to_be_bytes(), entry)?;
+            let report = match apply {
+                Some(apply) => apply(&mut RedbUnit {
+                    tx,
+                    journal_seq: Some(seq),
+                })?,
+                None => {
+                    tx.insert(TableName::Unparseable, seq.to_be_bytes(), [])?;
+                    IngestReport::default()
+                }
+            };
+            Ok((seq, report))
+        })
+        .await
+    }
+
+    async fn attribution_unit(&self, work: UnitOfWork) -> Result<IngestReport, StoreError> {
+        self.unit(move |tx| {
+            work(&mut RedbUnit {
+                tx,
+                journal_seq: None,
+            })
+        })
+        .await
+    }
+
+    async fn prune_journal(&self, cutoff: i64, limit: usize) -> Result<u64, StoreError> {
+        self.unit(move |tx| {
+            let mut held = std::collections::HashSet::new();
+            for (unrouted_key, _) in tx.scan_prefix(TableName::Unrouted, b"")? {
+                if unrouted_key.len() >= 8 {
+                    held.insert(unrouted_key[unrouted_key.len() - 8..].to_vec());
+                }
+            }
+            let mut removed = 0u64;
+            let mut start = Vec::new();
+            'pages: loop {
+                let page = tx.range_from(TableName::Journal, &start, PRUNE_PAGE)?;
+                let Some((last, _)) = page.last() else {
+                    break;
+                };
+                start = last.clone();
+                start.push(0);
+                let full = page.len() == PRUNE_PAGE;
+                for (seq, entry) in page {
+                    let received_at = be_i64(&entry, "a journal entry")?;
+                    // Entries are in arrival order: the first young one ends the pass.
+                    if received_at >= cutoff || removed as usize >= limit {
+                        break 'pages;
+                    }
+                    if held.contains(&seq) {
+                        continue;
+                    }
+                    tx.remove(TableName::Journal, &seq)?;
+                    tx.remove(TableName::Unparseable, &seq)?;
+                    removed += 1;
+                }
+                if !full {
+                    break;
+                }
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn conversation(&self, id: String) -> Result<Option<Conversation>, StoreError> {
+        self.read(move |read| {
+            let conversations = read.open_table(table(TableName::Conversations))?;
+            let found = conversations.get(id.as_bytes())?;
+            found.map(|bytes| decode(bytes.value())).transpose()
+        })
+        .await
+    }
+
+    async fn user(
+        &self,
+        account_id: String,
+        user_key: String,
+    ) -> Result<Option<UserRecord>, StoreError> {
+        self.read(move |read| {
+            let users = read.open_table(table(TableName::Users))?;
+            let found = users.get(key(&[&account_id, &user_key]).as_slice())?;
+            found.map(|bytes| decode(bytes.value())).transpose()
+        })
+        .await
+    }
+
+    async fn users_with_conversations(
+        &self,
+        phone: Option<String>,
+        bsuid: Option<String>,
+        visible: AccountFilter,
+    ) -> Result<Vec<(UserRecord, Vec<Conversation>)>, StoreError> {
+        self.read(move |read| {
+            let mut user_keys: Vec<(String, String)> = Vec::new();
+            let indexes = [
+                (TableName::PhoneIndex, phone),
+                (TableName::BsuidIndex, bsuid),
+            ];
+            for (index, id) in indexes {
+                let Some(id) = id else { continue };
+                let id_prefix = prefix(&[&id]);
+                for (index_key, user_key) in
+                    scan_prefix(&read.open_table(table(index))?, &id_prefix)?
+                {
+                    let account_id = String::from_utf8_lossy(&index_key[id_prefix.len()..]);
+                    let user_key = String::from_utf8_lossy(&user_key).into_owned();
+                    let pair = (account_id.into_owned(), user_key);
+                    if visible(&pair.0) && !user_keys.contains(&pair) {
+                        user_keys.push(pair);
+                    }
+                }
+            }
+            let users = read.open_table(table(TableName::Users))?;
+            let mut results = Vec::new();
+            for (account_id, user_key) in user_keys {
+                let Some(bytes) = users.get(key(&[&account_id, &user_key]).as_slice())? else {
+                    continue;
+                };
+                let user: UserRecord = decode(bytes.value())?;
+                let mut conversations = load_conversations(read, user.conversation_ids())?;
+                conversations
+                    .sort_by_key(|conversation| std::cmp::Reverse(conversation.started_at));
+                results.push((user, conversations));
+            }
+            Ok(results)
+        })
+        .await
+    }
+
+    async fn phone_conversations(
+        &self,
+        account_id: String,
+        phone: String,
+    ) -> Result<Option<Vec<Conversation>>, StoreError> {
+        self.read(move |read| {
+            let phone_index = read.open_table(table(TableName::PhoneIndex))?;
+            let Some(user_key) = phone_index.get(key(&[&phone, &account_id]).as_slice())? else {
+                return Ok(None);
+            };
+            let user_key = String::from_utf8_lossy(user_key.value()).into_owned();
+            let users = read.open_table(table(TableName::Users))?;
+            let Some(bytes) = users.get(key(&[&account_id, &user_key]).as_slice())? else {
+                return Ok(None);
+            };
+            let user: UserRecord = decode(bytes.value())?;
+            load_conversations(read, user.conversation_ids()).map(Some)
+        })
+        .await
+    }
+}
+
+fn load_conversations(
+    read: &ReadTransaction,
+    ids: &[String],
+) -> Result<Vec<Conversation>, StoreError> {
+    let table = read.open_table(table(TableName::Conversations))?;
+    let mut conversations = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(bytes) = table.get(id.as_bytes())? {
+            conversations.push(decode(bytes.value())?);
+        }
+    }
+    Ok(conversations)
+}
+
+fn journal_entry(entry: &[u8]) -> Result<JournaledWebhook, StoreError> {
+    Ok(JournaledWebhook {
+        received_at: be_i64(entry, "a journal entry")?,
+        body: entry[8..].to_vec(),
+    })
+}
+
+/// The attribution state as one unit of work sees it: the batch's write transaction.
+struct RedbUnit<'u, 't> {
+    tx: &'u mut Tx<'t>,
+    /// The journal entry of the webhook this unit records, if it records one.
+    journal_seq: Option<u64>,
+}
+
+impl RedbUnit<'_, '_> {
+    fn user_by_index(
+        &mut self,
+        index: TableName,
+        id: &str,
+        account_id: &str,
+    ) -> Result<Option<UserRecord>, StoreError> {
+        let Some(user_key) = self.tx.get(index, &key(&[id, account_id]))? else {
+            return Ok(None);
+        };
+        let user_key = String::from_utf8_lossy(&user_key).into_owned();
+        match self
+            .tx
+            .get(TableName::Users, &key(&[account_id, &user_key]))?
+        {
+            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            None => Err(StoreError::Corrupt(format!(
+                "an index points at missing user {user_key}"
+            ))),
+        }
+    }
+}
+
+impl AttributionUnit for RedbUnit<'_, '_> {
+    /// Read in the batch's transaction, so an account created earlier in the batch is found.
+    fn account_for_number(&mut self, phone_number_id: &str) -> Option<String> {
+        match self.tx.get(
+            TableName::AccountByPhoneNumberId,
+            phone_number_id.as_bytes(),
+        ) {
+            Ok(found) => found.map(|id| String::from_utf8_lossy(&id).into_owned()),
+            Err(error) => {
+                // The unit's next read or write meets the same failure and fails the unit.
+                tracing::error!(error = %crate::error::error_chain(&error), "cannot read an account");
+                None
+            }
+        }
+    }
+
+    fn hold_for_number(&mut self, phone_number_id: &str) -> Result<(), StoreError> {
+        let seq = self.journal_seq.ok_or_else(|| {
+            StoreError::Corrupt("only a unit that records a webhook can hold it".into())
+        })?;
+        let mut held_key = prefix(&[phone_number_id]);
+        held_key.extend_from_slice(&seq.to_be_bytes());
+        self.tx.insert(TableName::Unrouted, held_key, [])
+    }
+
+    fn take_held_for_number(
+        &mut self,
+        phone_number_id: &str,
+    ) -> Result<Vec<JournaledWebhook>, StoreError> {
+        let held_prefix = prefix(&[phone_number_id]);
+        let mut held = Vec::new();
+        for (held_key, _) in self.tx.scan_prefix(TableName::Unrouted, &held_prefix)? {
+            let seq = &held_key[held_prefix.len()..];
+            if let Some(entry) = self.tx.get(TableName::Journal, seq)? {
+                held.push(journal_entry(&entry)?);
+            }
+            self.tx.remove(TableName::Unrouted, held_key)?;
+        }
+        Ok(held)
+    }
+
+    fn seen_message(
+        &mut self,
+        account_id: &str,
+        message_id: &str,
+    ) -> Result<Option<SeenMessage>, StoreError> {
+        let Some(marker) = self
+            .tx
+            .get(TableName::Messages, &key(&[account_id, message_id]))?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(SeenMessage {
+            timestamp: be_i64(&marker, "a message marker")?,
+            conversation_id: String::from_utf8_lossy(&marker[8..]).into_owned(),
+        }))
+    }
+
+    fn mark_message_seen(
+        &mut self,
+        account_id: &str,
+        message_id: &str,
+        seen: &SeenMessage,
+    ) -> Result<(), StoreError> {
+        let mut marker = Vec::with_capacity(8 + seen.conversation_id.len());
+        marker.extend_from_slice(&seen.timestamp.to_be_bytes());
+        marker.extend_from_slice(seen.conversation_id.as_bytes());
+        self.tx
+            .insert(TableName::Messages, key(&[account_id, message_id]), marker)
+    }
+
+    fn user_by_phone(
+        &mut self,
+        account_id: &str,
+        wa_id: &str,
+    ) -> Result<Option<UserRecord>, StoreError> {
+        self.user_by_index(TableName::PhoneIndex, wa_id, account_id)
+    }
+
+    fn user_by_bsuid(
+        &mut self,
+        account_id: &str,
+        bsuid: &str,
+    ) -> Result<Option<UserRecord>, StoreError> {
+        self.user_by_index(TableName::BsuidIndex, bsuid, account_id)
+    }
+
+    fn put_user(&mut self, user: &UserRecord) -> Result<(), StoreError> {
+        let user_key = key(&[user.account_id(), user.key()]);
+        let previous: Option<UserRecord> = self
+            .tx
+            .get(TableName::Users, &user_key)?
+            .map(|bytes| decode(&bytes))
+            .transpose()?;
+        let indexes = [
+            (
+                TableName::PhoneIndex,
+                user.wa_id(),
+                previous.as_ref().and_then(UserRecord::wa_id),
+            ),
+            (
+                TableName::BsuidIndex,
+                user.bsuid(),
+                previous.as_ref().and_then(UserRecord::bsuid),
+            ),
+        ];
+        for (index, id, indexed) in indexes {
+            if let Some(id) = id {
+                if Some(id) != indexed {
+                    self.tx
+                        .insert(index, key(&[id, user.account_id()]), user.key().as_bytes())?;
+                }
+            }
+        }
+        self.tx.insert(TableName::Users, user_key, encode(user)?)
+    }
+
+    fn conversation(&mut self, id: &str) -> Result<Option<Conversation>, StoreError> {
+        self.tx
+            .get(TableName::Conversations, id.as_bytes())?
+            .map(|bytes| decode(&bytes))
+            .transpose()
+    }
+
+    fn put_conversation(&mut self, conversation: &Conversation) -> Result<(), StoreError> {
+        self.tx.insert(
+            TableName::Conversations,
+            conversation.id.as_bytes(),
+            encode(conversation)?,
+        )
+    }
+
+    fn hold_event(&mut self, account_id: &str, event: &AutomaticEvent) -> Result<bool, StoreError> {
+        let held_key = key(&[account_id, &event.message_id, &event.event_name]);
+        let known = self.tx.contains_key(TableName::PendingEvents, &held_key)?;
+        self.tx
+            .insert(TableName::PendingEvents, held_key, encode(event)?)?;
+        Ok(!known)
+    }
+
+    fn take_held_events(
+        &mut self,
+        account_id: &str,
+        message_id: &str,
+    ) -> Result<Vec<AutomaticEvent>, StoreError> {
+        let held_prefix = prefix(&[account_id, message_id]);
+        let mut events = Vec::new();
+        for (held_key, bytes) in self
+            .tx
+            .scan_prefix(TableName::PendingEvents, &held_prefix)?
+        {
+            events.push(decode(&bytes)?);
+            self.tx.remove(TableName::PendingEvents, held_key)?;
+        }
+        Ok(events)
+    }
+}

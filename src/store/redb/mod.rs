@@ -1,0 +1,588 @@
+//! The redb implementation of the storage seam (`CTWA_STORE_ENGINE=redb`): one database file,
+//! `<data_dir>/ctwa.redb`, one table per sled tree with the same key encodings, and the records
+//! as JSON (the layout of [`super::sled`]).
+//!
+//! Writes: one `ctwa-writer` thread takes every unit waiting (webhooks with their journal
+//! entry, account changes, conversion writes), runs them one after another in ONE redb write
+//! transaction, commits it once with `Durability::Immediate` (one fsync for the batch), and only
+//! then answers them all (group commit). A unit that fails is undone alone inside the batch (see
+//! [`unit`]), and answered with its error; the others commit. So every unit is atomic, and
+//! durable before it is answered.
+//!
+//! Reads run in their own read transactions on the blocking pool, in parallel with the writer.
+//! Accounts and API keys are also held in memory, updated on the writer thread right after the
+//! commit that changed them and before anyone is answered.
+
+mod accounts;
+mod attribution;
+mod conversions;
+mod open;
+mod unit;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+
+use super::{StoreError, StoreHealth};
+use crate::domain::account::{Account, ApiKey};
+use unit::{TableName, Tx};
+
+pub use open::{DATABASE_FILE, ENGINE};
+
+/// The on-disk layout this build reads and writes: sled's layout 1 (its key encodings and JSON
+/// records) in redb tables. Bump it with a migration when either changes.
+pub const LAYOUT_VERSION: u32 = 1;
+
+const LAYOUT_KEY: &[u8] = b"layout_version";
+/// The next journal sequence number (8 bytes big-endian), written with every batch that used one.
+const NEXT_SEQ_KEY: &[u8] = b"journal_next_seq";
+
+/// How long `/healthz` waits for its probe of a failed store.
+const LIVENESS_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The most units one batch (one commit) takes; more wait for the next one.
+const MAX_BATCH: usize = 1024;
+
+type Bytes = &'static [u8];
+
+impl From<redb::Error> for StoreError {
+    fn from(error: redb::Error) -> Self {
+        StoreError::Redb(Box::new(error))
+    }
+}
+
+macro_rules! from_redb {
+    ($($kind:ty),*) => {$(
+        impl From<$kind> for StoreError {
+            fn from(error: $kind) -> Self {
+                StoreError::from(redb::Error::from(error))
+            }
+        }
+    )*};
+}
+
+from_redb!(
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
+    redb::DatabaseError
+);
+
+#[derive(Default)]
+struct Caches {
+    accounts: HashMap<String, Account>,
+    account_by_phone_number_id: HashMap<String, String>,
+    api_keys_by_hash: HashMap<String, ApiKey>,
+}
+
+/// What the writer does after the batch's commit: `Ok` when it is durable, the failure's text
+/// when not. Answers the unit's caller.
+type Answer = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// What running a unit inside the batch gave: whether its writes stay, and how to answer.
+struct Ran {
+    keep: bool,
+    answer: Answer,
+}
+
+/// A unit for the writer: run over the batch's transaction, or told that there is none.
+type WriteJob = Box<dyn FnOnce(Result<&mut Tx<'_>, String>) -> Ran + Send>;
+
+struct Inner {
+    db: Arc<Database>,
+    caches: Arc<RwLock<Caches>>,
+    jobs: Option<std::sync::mpsc::Sender<WriteJob>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    /// The last write or commit failure, kept until a readiness probe succeeds.
+    failure: Mutex<Option<String>>,
+}
+
+impl Drop for Inner {
+    /// Stops the writer after the units already sent, and waits for it, so that the database
+    /// file is closed (and its lock released) when the store is dropped.
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(writer) = self.writer.take() {
+            if writer.thread().id() != std::thread::current().id() {
+                let _ = writer.join();
+            }
+        }
+    }
+}
+
+/// The redb store; cheap to clone.
+#[derive(Clone)]
+pub struct RedbStore {
+    inner: Arc<Inner>,
+}
+
+/// The name the engine's own files use for it.
+type Store = RedbStore;
+
+impl RedbStore {
+    /// Opens (or creates) the store in `path`; see [`RedbStore::open_with_free_space`].
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_free_space(path, 0)
+    }
+
+    /// Opens (or creates) the store in `path`, first refusing a directory that holds another
+    /// engine's store, unrelated files, a store whose data is missing, or a file system with
+    /// less than `min_free_bytes` available. Checks the layout version and loads the caches.
+    pub fn open_with_free_space(path: &Path, min_free_bytes: u64) -> Result<Self, StoreError> {
+        let db = Arc::new(open::open_checked(path, min_free_bytes)?);
+        let read = db.begin_read()?;
+        let caches = accounts::load_caches(&read)?;
+        let next_seq = match read.open_table(table(TableName::Meta))?.get(NEXT_SEQ_KEY)? {
+            Some(bytes) => be_u64(bytes.value(), "the journal's next sequence number")?,
+            None => 0,
+        };
+        drop(read);
+        let caches = Arc::new(RwLock::new(caches));
+        let (jobs, incoming) = std::sync::mpsc::channel::<WriteJob>();
+        let writer_db = Arc::clone(&db);
+        let writer = std::thread::Builder::new()
+            .name("ctwa-writer".into())
+            .spawn(move || unit::run_writer(&writer_db, next_seq, incoming))
+            .map_err(|error| StoreError::Io {
+                context: "cannot start the store's writer thread".into(),
+                error,
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                caches,
+                jobs: Some(jobs),
+                writer: Some(writer),
+                failure: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Runs reads in one read transaction on the blocking pool.
+    async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = Arc::clone(&self.inner.db);
+        let outcome = crate::telemetry::spawn_blocking_in_span(move || work(&db.begin_read()?))
+            .await
+            .map_err(|_| StoreError::TaskGone)
+            .and_then(|outcome| outcome);
+        self.noted(outcome)
+    }
+
+    /// Runs `work` as one unit in the writer's next batch; returns once the batch is committed
+    /// and durable. When `work` fails its writes are undone and the error is returned.
+    async fn unit<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.unit_then(work, |_, _| {}).await
+    }
+
+    /// [`Self::unit`], and `committed` runs on the writer right after the commit succeeded,
+    /// before any caller is answered (it updates the caches).
+    async fn unit_then<T, F, C>(&self, work: F, committed: C) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T, StoreError> + Send + 'static,
+        C: FnOnce(&T, &mut Caches) + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel::<Result<T, StoreError>>();
+        let caches = Arc::clone(&self.inner.caches);
+        // The unit runs in the caller's span, so its log lines carry the request id.
+        let span = tracing::Span::current();
+        let job: WriteJob = Box::new(move |tx| {
+            let tx = match tx {
+                Ok(tx) => tx,
+                Err(failure) => {
+                    let _ = reply.send(Err(StoreError::Flush(failure)));
+                    return Ran {
+                        keep: false,
+                        answer: Box::new(|_| {}),
+                    };
+                }
+            };
+            match span.in_scope(|| work(tx)) {
+                Ok(value) => Ran {
+                    keep: true,
+                    answer: Box::new(move |commit| {
+                        let outcome = match commit {
+                            Ok(()) => {
+                                let mut caches = caches.write().unwrap_or_else(|p| p.into_inner());
+                                committed(&value, &mut caches);
+                                Ok(value)
+                            }
+                            Err(failure) => Err(StoreError::Flush(failure)),
+                        };
+                        let _ = reply.send(outcome);
+                    }),
+                },
+                Err(error) => Ran {
+                    keep: false,
+                    answer: Box::new(move |_| {
+                        let _ = reply.send(Err(error));
+                    }),
+                },
+            }
+        });
+        let sent = match &self.inner.jobs {
+            Some(jobs) => jobs.send(job).is_ok(),
+            None => false,
+        };
+        let outcome = match sent {
+            true => answer
+                .await
+                .map_err(|_| StoreError::TaskGone)
+                .and_then(|outcome| outcome),
+            false => Err(StoreError::TaskGone),
+        };
+        self.noted(outcome)
+    }
+
+    fn caches(&self) -> std::sync::RwLockReadGuard<'_, Caches> {
+        self.inner.caches.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers a failure that means the disk or redb refused a write or a commit.
+    fn noted<T>(&self, outcome: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(error) = &outcome {
+            if error.is_store_failure() {
+                let mut failure = self.inner.failure.lock().unwrap_or_else(|p| p.into_inner());
+                if failure.is_none() {
+                    let text = crate::error::error_chain(error);
+                    tracing::error!(
+                        error = %text,
+                        "the store failed; /healthz answers 503 until a write, commit and read \
+                         back succeed again"
+                    );
+                    *failure = Some(text);
+                }
+            }
+        }
+        outcome
+    }
+}
+
+#[async_trait]
+impl StoreHealth for RedbStore {
+    fn failure(&self) -> Option<String> {
+        self.inner
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Liveness: cheap while nothing has failed. After a write or commit failed, a fresh
+    /// readiness probe decides: success forgets the failure, another failure is returned.
+    async fn check_alive(&self) -> Result<(), StoreError> {
+        if self.failure().is_none() {
+            return Ok(());
+        }
+        let probe = tokio::time::timeout(LIVENESS_PROBE_TIMEOUT, self.check_ready()).await;
+        match probe {
+            Ok(Ok(())) => {
+                let mut failure = self.inner.failure.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(previous) = failure.take() {
+                    tracing::info!(previous = %previous, "the store works again");
+                }
+                Ok(())
+            }
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(StoreError::Flush(format!(
+                "the probe did not finish within {} s",
+                LIVENESS_PROBE_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Readiness: a write, a durable commit and a read back.
+    async fn check_ready(&self) -> Result<(), StoreError> {
+        let stamp = chrono::Utc::now().timestamp_millis().to_be_bytes();
+        self.unit(move |tx| tx.insert(TableName::Meta, b"readyz", stamp))
+            .await?;
+        let read = self
+            .read(|read| {
+                let meta = read.open_table(table(TableName::Meta))?;
+                Ok(meta.get(b"readyz".as_slice())?.map(|v| v.value().to_vec()))
+            })
+            .await?;
+        match read {
+            Some(value) if value == stamp => Ok(()),
+            _ => Err(StoreError::Corrupt(
+                "the readiness probe did not read back its own write".into(),
+            )),
+        }
+    }
+
+    /// Nothing to flush: every unit was durable (committed with `Durability::Immediate`) before
+    /// it was answered. A store that failed and was not probed back to health says so, as a
+    /// failed flush would.
+    fn flush_blocking(&self) -> Result<(), StoreError> {
+        match self.failure() {
+            None => Ok(()),
+            Some(failure) => Err(StoreError::Flush(failure)),
+        }
+    }
+}
+
+/// The definition of one table: byte keys, byte values.
+fn table(name: TableName) -> TableDefinition<'static, Bytes, Bytes> {
+    TableDefinition::new(name.as_str())
+}
+
+/// Reads 8 bytes big-endian at the start of `bytes`.
+fn be_u64(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
+    bytes
+        .get(..8)
+        .map(|eight| u64::from_be_bytes(eight.try_into().expect("eight bytes")))
+        .ok_or_else(|| StoreError::Corrupt(format!("{what} is truncated")))
+}
+
+fn be_i64(bytes: &[u8], what: &str) -> Result<i64, StoreError> {
+    be_u64(bytes, what).map(|value| value as i64)
+}
+
+/// Every entry of a read transaction's table whose key starts with `prefix`, in key order.
+fn scan_prefix(
+    table: &impl ReadableTable<Bytes, Bytes>,
+    prefix: &[u8],
+) -> Result<Vec<unit::Entry>, StoreError> {
+    let mut entries = Vec::new();
+    for item in table.range::<&[u8]>(prefix..)? {
+        let (key, value) = item?;
+        if !key.value().starts_with(prefix) {
+            break;
+        }
+        entries.push((key.value().to_vec(), value.value().to_vec()));
+    }
+    Ok(entries)
+}
+
+/// Joins key parts with a NUL byte; parts are ids that never contain one.
+pub(crate) fn key(parts: &[&str]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (index, part) in parts.iter().enumerate() {
+        if index > 0 {
+            out.push(0);
+        }
+        out.extend_from_slice(part.as_bytes());
+    }
+    out
+}
+
+/// The prefix of every key whose first parts are `parts`.
+pub(crate) fn prefix(parts: &[&str]) -> Vec<u8> {
+    let mut out = key(parts);
+    out.push(0);
+    out
+}
+
+pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    Ok(serde_json::to_vec(value)?)
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    Ok(serde_json::from_slice(bytes)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::ReadableTableMetadata;
+
+    #[tokio::test]
+    async fn concurrent_units_are_batched_and_all_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let units: Vec<_> = (0..64u32)
+            .map(|index| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .unit(move |tx| {
+                            tx.insert(TableName::Users, index.to_be_bytes(), b"{}")?;
+                            Ok(index)
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for (index, unit) in units.into_iter().enumerate() {
+            assert_eq!(unit.await.unwrap().unwrap(), index as u32);
+        }
+        store.check_ready().await.unwrap();
+        let count = store
+            .read(|read| Ok(read.open_table(table(TableName::Users))?.len()?))
+            .await
+            .unwrap();
+        assert_eq!(count, 64);
+    }
+
+    #[tokio::test]
+    async fn a_failed_unit_is_undone_alone_and_its_batch_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .unit(|tx| tx.insert(TableName::Users, b"kept", b"before"))
+            .await
+            .unwrap();
+        // Hold the writer, so the next three units are taken as one batch.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let blocker = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .unit(move |_| {
+                        held.recv().unwrap();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let first = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .unit(|tx| tx.insert(TableName::Users, b"first", b"1"))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let failing = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .unit(|tx| {
+                        tx.insert(TableName::Users, b"kept", b"overwritten")?;
+                        tx.remove(TableName::Users, b"first")?;
+                        tx.insert(TableName::Users, b"failed", b"x")?;
+                        let seq = tx.next_journal_seq();
+                        tx.insert(TableName::Journal, seq.to_be_bytes(), b"body")?;
+                        Err::<(), _>(StoreError::Conflict("this unit fails".into()))
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let last = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .unit(|tx| {
+                        // Sees the first unit's write, not the failed unit's.
+                        let first = tx.get(TableName::Users, b"first")?;
+                        let kept = tx.get(TableName::Users, b"kept")?;
+                        let seq = tx.next_journal_seq();
+                        Ok((first, kept, seq))
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        first.await.unwrap().unwrap();
+        let error = failing.await.unwrap().unwrap_err();
+        assert!(matches!(error, StoreError::Conflict(_)), "{error}");
+        let (first, kept, seq) = last.await.unwrap().unwrap();
+        assert_eq!(first.as_deref(), Some(b"1".as_slice()));
+        assert_eq!(kept.as_deref(), Some(b"before".as_slice()));
+        assert_eq!(seq, 0, "the failed unit's sequence number is given again");
+        let (users, journal) = store
+            .read(|read| {
+                let users = scan_prefix(&read.open_table(table(TableName::Users))?, b"")?;
+                let journal = read.open_table(table(TableName::Journal))?.len()?;
+                Ok((users, journal))
+            })
+            .await
+            .unwrap();
+        let users: Vec<(&[u8], &[u8])> = users
+            .iter()
+            .map(|(key, value)| (key.as_slice(), value.as_slice()))
+            .collect();
+        assert_eq!(
+            users,
+            vec![(b"first".as_slice(), b"1".as_slice()), (b"kept", b"before")]
+        );
+        assert_eq!(journal, 0);
+        assert_eq!(store.failure(), None, "a unit's own error is not a failure");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_unit_is_undone_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let outcome = store
+            .unit(|tx| {
+                tx.insert(TableName::Users, b"half", b"written")?;
+                if tx.get(TableName::Users, b"half")?.is_some() {
+                    panic!("a bug in a unit");
+                }
+                Ok(())
+            })
+            .await;
+        assert!(matches!(outcome, Err(StoreError::TaskGone)));
+        let half = store
+            .unit(|tx| tx.get(TableName::Users, b"half"))
+            .await
+            .unwrap();
+        assert_eq!(half, None);
+    }
+
+    #[tokio::test]
+    async fn writes_and_the_journal_sequence_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .unit(|tx| {
+                    let seq = tx.next_journal_seq();
+                    tx.insert(TableName::Journal, seq.to_be_bytes(), b"body")?;
+                    tx.insert(TableName::Users, b"user", b"{}")
+                })
+                .await
+                .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let (user, seq) = store
+            .unit(|tx| Ok((tx.get(TableName::Users, b"user")?, tx.next_journal_seq())))
+            .await
+            .unwrap();
+        assert_eq!(user.as_deref(), Some(b"{}".as_slice()));
+        assert_eq!(seq, 1);
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_remembered_until_a_probe_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.check_alive().await.unwrap();
+        let failed: Result<(), StoreError> =
+            store.noted(Err(StoreError::Flush("disk full".into())));
+        assert!(failed.is_err());
+        assert_eq!(
+            store.failure().as_deref(),
+            Some("flushing the store to disk failed: disk full")
+        );
+        let _ = store.noted::<()>(Err(StoreError::Conflict("taken".into())));
+        store.check_alive().await.unwrap();
+        assert_eq!(store.failure(), None);
+    }
+
+    #[test]
+    fn keys_join_parts_with_nul() {
+        assert_eq!(key(&["a", "b"]), b"a\0b".to_vec());
+        assert_eq!(prefix(&["a"]), b"a\0".to_vec());
+    }
+}

@@ -1,0 +1,495 @@
+//! Opening the redb store safely: never start empty over existing data (SPEC §3), never open
+//! another engine's store, never start on a nearly full disk.
+//!
+//! The directory holds `ctwa.redb` and the marker `ctwa-store.json` (the same file the sled
+//! store writes, naming this engine). A new store is created, its tables and layout version
+//! committed durably, and only then the marker written and fsynced with its directory. So a
+//! marker naming redb whose database is missing, empty, or without a layout version means data
+//! was lost, and the store is refused rather than started empty.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTableMetadata};
+
+use super::unit::TableName;
+use super::{table, StoreError, LAYOUT_KEY, LAYOUT_VERSION};
+use crate::store::MARKER_FILE;
+
+/// The database file in the data dir.
+pub const DATABASE_FILE: &str = "ctwa.redb";
+
+/// The engine named in the marker: redb's file format follows its major version.
+pub const ENGINE: &str = "redb-3";
+
+/// What the operator can do when the store is refused. RELIABILITY.md repeats it.
+const RECOVERY: &str = "To recover: stop here and leave the directory as it is. Restore it from \
+    your latest backup and start again; or, to start over with an EMPTY store and lose what it \
+    held, move it aside (for example `mv DIR DIR.damaged`) and start again, keeping the moved copy \
+    for salvage.";
+
+/// Files the sled store creates.
+fn is_sled_file(name: &str) -> bool {
+    name == "db" || name == "conf" || name == "blobs" || name.starts_with("snap.")
+}
+
+/// The directory's contents before redb opens it.
+#[derive(Debug, Default)]
+struct Survey {
+    marker: Option<String>,
+    /// The length of `ctwa.redb`, when it exists.
+    database_len: Option<u64>,
+    sled_files: Vec<String>,
+    /// Everything else (`lost+found`, dotfiles and the marker's temporary file aside).
+    unrelated: Vec<String>,
+}
+
+impl Survey {
+    fn of(path: &Path) -> Result<Self, StoreError> {
+        let mut survey = Survey::default();
+        let entries = std::fs::read_dir(path)
+            .map_err(|error| io_error(format!("cannot list {}", path.display()), error))?;
+        for entry in entries {
+            let entry = entry
+                .map_err(|error| io_error(format!("cannot list {}", path.display()), error))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == MARKER_FILE {
+                let text = std::fs::read_to_string(entry.path()).map_err(|error| {
+                    io_error(format!("cannot read {}", entry.path().display()), error)
+                })?;
+                survey.marker = Some(text);
+            } else if name == DATABASE_FILE {
+                let length = entry.metadata().map(|metadata| metadata.len()).unwrap_or(0);
+                survey.database_len = Some(length);
+            } else if is_sled_file(&name) {
+                survey.sled_files.push(name);
+            } else if name != "lost+found"
+                && !name.starts_with('.')
+                && name != format!("{MARKER_FILE}.tmp")
+            {
+                survey.unrelated.push(name);
+            }
+        }
+        survey.sled_files.sort();
+        survey.unrelated.sort();
+        Ok(survey)
+    }
+
+    fn describe(&self) -> String {
+        let mut found = Vec::new();
+        if let Some(marker) = &self.marker {
+            found.push(format!("the marker {MARKER_FILE} ({})", marker.trim()));
+        }
+        match self.database_len {
+            Some(length) => found.push(format!("{DATABASE_FILE} ({length} bytes)")),
+            None => found.push(format!("no {DATABASE_FILE}")),
+        }
+        found.join(" and ")
+    }
+}
+
+fn io_error(context: String, error: std::io::Error) -> StoreError {
+    StoreError::Io { context, error }
+}
+
+fn damaged(path: &Path, found: String) -> StoreError {
+    StoreError::Damaged {
+        path: path.display().to_string(),
+        found,
+        recovery: RECOVERY.replace("DIR", &path.display().to_string()),
+    }
+}
+
+/// Checks the directory before redb touches it.
+fn survey_before_open(path: &Path) -> Result<Survey, StoreError> {
+    let survey = Survey::of(path)?;
+    let foreign = |marker: String| StoreError::ForeignStore {
+        path: path.display().to_string(),
+        marker,
+    };
+    if let Some(marker) = &survey.marker {
+        if !marker.contains(&format!("\"engine\":\"{ENGINE}\"")) {
+            let hint = match marker.contains("\"engine\":\"sled-") {
+                true => {
+                    "; it is a sled store: start with CTWA_STORE_ENGINE=sled to serve it \
+                     (CTWA_STORE_ENGINE=redb opens only redb stores)"
+                }
+                false => "",
+            };
+            return Err(foreign(format!("{}{hint}", marker.trim())));
+        }
+    }
+    if !survey.sled_files.is_empty() {
+        return Err(foreign(format!(
+            "sled's files {}; start with CTWA_STORE_ENGINE=sled to serve it \
+             (CTWA_STORE_ENGINE=redb opens only redb stores)",
+            survey.sled_files.join(", ")
+        )));
+    }
+    if survey.marker.is_none() && survey.database_len.is_none() && !survey.unrelated.is_empty() {
+        return Err(StoreError::NotAStore {
+            path: path.display().to_string(),
+            entries: survey.unrelated.join(", "),
+        });
+    }
+    if survey.marker.is_some() && survey.database_len.unwrap_or(0) == 0 {
+        return Err(damaged(
+            path,
+            format!(
+                "{}, so the database this marker was written for is missing or empty",
+                survey.describe()
+            ),
+        ));
+    }
+    Ok(survey)
+}
+
+/// Refuses to open when the file system of `path` has less than `min_free_bytes` available.
+fn check_free_space(path: &Path, min_free_bytes: u64) -> Result<(), StoreError> {
+    if min_free_bytes == 0 {
+        return Ok(());
+    }
+    let stats = rustix::fs::statvfs(path).map_err(|error| {
+        io_error(
+            format!("cannot read the free space of {}", path.display()),
+            error.into(),
+        )
+    })?;
+    let free_bytes = stats.f_bavail.saturating_mul(stats.f_frsize);
+    if free_bytes >= min_free_bytes {
+        return Ok(());
+    }
+    Err(StoreError::LowDiskSpace {
+        path: path.display().to_string(),
+        free_mib: free_bytes as f64 / (1024.0 * 1024.0),
+        min_free_mb: min_free_bytes / (1024 * 1024),
+    })
+}
+
+/// Opens redb in `path` after the checks above; creates the tables, layout version and marker
+/// of a new store, and checks the layout version of an existing one.
+pub(super) fn open_checked(path: &Path, min_free_bytes: u64) -> Result<Database, StoreError> {
+    std::fs::create_dir_all(path).map_err(|error| StoreError::Io {
+        context: format!("cannot create {}", path.display()),
+        error,
+    })?;
+    let survey = survey_before_open(path)?;
+    check_free_space(path, min_free_bytes)?;
+    let file = path.join(DATABASE_FILE);
+    let opened = match survey.database_len {
+        Some(_) => Database::open(&file),
+        None => Database::create(&file),
+    };
+    let db = match opened {
+        Ok(db) => db,
+        Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(what))) => {
+            return Err(damaged(
+                path,
+                format!(
+                    "{}, and redb reports it corrupted: {what}",
+                    survey.describe()
+                ),
+            ))
+        }
+        // redb's answer to a file whose header is not a redb header.
+        Err(redb::DatabaseError::Storage(redb::StorageError::Io(error)))
+            if error.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            return Err(damaged(
+                path,
+                format!(
+                    "{}, and redb cannot read it as a database: {error}",
+                    survey.describe()
+                ),
+            ))
+        }
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+            return Err(StoreError::Io {
+                context: format!(
+                    "{} is already open in another process or store; stop the other ctwa-relay \
+                     using {} first",
+                    file.display(),
+                    path.display()
+                ),
+                error: std::io::Error::new(std::io::ErrorKind::WouldBlock, "database locked"),
+            })
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let read = db.begin_read()?;
+    let layout = match read.open_table(table(TableName::Meta)) {
+        Ok(meta) => meta
+            .get(LAYOUT_KEY)?
+            .map(|value| String::from_utf8_lossy(value.value()).into_owned()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(error) => return Err(error.into()),
+    };
+    drop(read);
+    match layout {
+        None => {
+            if survey.marker.is_some() || holds_data(&db)? {
+                return Err(damaged(
+                    path,
+                    format!(
+                        "{}, but the database has no layout version (meta/layout_version), so \
+                         the data written before is missing",
+                        survey.describe()
+                    ),
+                ));
+            }
+            create_layout(&db)?;
+            write_marker(path)?;
+            sync_directory(path)?;
+        }
+        Some(found) if found == LAYOUT_VERSION.to_string() => {
+            // Created, but stopped before its marker was written: write it now.
+            if survey.marker.is_none() {
+                write_marker(path)?;
+                sync_directory(path)?;
+            }
+        }
+        Some(found) => {
+            return Err(StoreError::LayoutVersion {
+                path: path.display().to_string(),
+                found,
+                expected: LAYOUT_VERSION,
+            })
+        }
+    }
+    Ok(db)
+}
+
+/// True when any table of a database without a layout version holds an entry.
+fn holds_data(db: &Database) -> Result<bool, StoreError> {
+    let read = db.begin_read()?;
+    for name in TableName::ALL {
+        match read.open_table(table(name)) {
+            Ok(table) if !table.is_empty()? => return Ok(true),
+            Ok(_) | Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(false)
+}
+
+/// Creates every table and the layout version in one durable commit.
+fn create_layout(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write()?;
+    for name in TableName::ALL {
+        txn.open_table(table(name))?;
+    }
+    txn.open_table(table(TableName::Meta))?
+        .insert(LAYOUT_KEY, LAYOUT_VERSION.to_string().as_bytes())?;
+    txn.commit()?;
+    Ok(())
+}
+
+fn write_marker(path: &Path) -> Result<(), StoreError> {
+    let marker = path.join(MARKER_FILE);
+    let temporary = path.join(format!("{MARKER_FILE}.tmp"));
+    let text = format!(
+        "{{\"engine\":\"{ENGINE}\",\"layoutVersion\":{LAYOUT_VERSION},\"createdAt\":\"{}\"}}\n",
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    let written = File::create(&temporary)
+        .and_then(|mut file| {
+            file.write_all(text.as_bytes())?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&temporary, &marker));
+    written.map_err(|error| io_error(format!("cannot write {}", marker.display()), error))
+}
+
+fn sync_directory(path: &Path) -> Result<(), StoreError> {
+    File::open(path)
+        .and_then(|directory| directory.sync_all())
+        .map_err(|error| io_error(format!("cannot fsync {}", path.display()), error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::RedbStore;
+    use super::*;
+    use crate::store::StoreHealth;
+
+    fn refusal(outcome: Result<RedbStore, StoreError>) -> String {
+        match outcome {
+            Ok(_) => panic!("the store opened"),
+            Err(error) => crate::error::error_chain(&error),
+        }
+    }
+
+    async fn store_with_a_record(path: &Path) {
+        let store = RedbStore::open(path).unwrap();
+        store
+            .unit(|tx| tx.insert(TableName::Users, b"user", b"{}"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_fresh_path_and_an_empty_directory_open_and_get_a_durable_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("new").join("store");
+        RedbStore::open(&fresh)
+            .unwrap()
+            .check_ready()
+            .await
+            .unwrap();
+        let marker = std::fs::read_to_string(fresh.join(MARKER_FILE)).unwrap();
+        assert!(marker.contains("\"engine\":\"redb-3\""), "{marker}");
+        assert!(marker.contains("\"layoutVersion\":1"), "{marker}");
+        let empty = tempfile::tempdir().unwrap();
+        std::fs::create_dir(empty.path().join("lost+found")).unwrap();
+        RedbStore::open(empty.path()).unwrap();
+        assert!(empty.path().join(MARKER_FILE).exists());
+        assert!(empty.path().join(DATABASE_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn a_sled_store_is_refused_with_the_setting_that_opens_it() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(crate::store::SledStore::open(dir.path()).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let message = refusal(RedbStore::open(dir.path()));
+        assert!(message.contains("does not read"), "{message}");
+        assert!(message.contains("sled-0.34"), "{message}");
+        assert!(message.contains("CTWA_STORE_ENGINE=sled"), "{message}");
+        assert!(!dir.path().join(DATABASE_FILE).exists());
+        // sled's files without a marker (a store from before the marker) are refused the same way.
+        std::fs::remove_file(dir.path().join(MARKER_FILE)).unwrap();
+        let message = refusal(RedbStore::open(dir.path()));
+        assert!(message.contains("sled's files"), "{message}");
+        assert!(message.contains("CTWA_STORE_ENGINE=sled"), "{message}");
+        assert!(!dir.path().join(DATABASE_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn a_store_of_another_engine_is_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(MARKER_FILE),
+            "{\"engine\":\"fjall-2\",\"layoutVersion\":2}",
+        )
+        .unwrap();
+        let message = refusal(RedbStore::open(dir.path()));
+        assert!(message.contains("does not read"), "{message}");
+        assert!(message.contains("fjall-2"), "{message}");
+        assert!(!dir.path().join(DATABASE_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn a_directory_of_unrelated_files_is_not_made_into_a_store() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"not a store").unwrap();
+        let message = refusal(RedbStore::open(dir.path()));
+        assert!(
+            message.contains("not a ctwa-relay store (notes.txt)"),
+            "{message}"
+        );
+        assert!(!dir.path().join(DATABASE_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn a_marker_without_its_database_is_refused_not_started_empty() {
+        for truncate in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            store_with_a_record(dir.path()).await;
+            let file = dir.path().join(DATABASE_FILE);
+            match truncate {
+                true => std::fs::write(&file, b"").unwrap(),
+                false => std::fs::remove_file(&file).unwrap(),
+            }
+            let message = refusal(RedbStore::open(dir.path()));
+            assert!(message.contains("cannot be opened safely"), "{message}");
+            assert!(message.contains("missing or empty"), "{message}");
+            assert!(message.contains("backup"), "{message}");
+            assert!(message.contains("move it aside"), "{message}");
+            let left = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+            assert_eq!(left, 0, "nothing was created over the evidence");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_marker_whose_database_has_no_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_a_record(dir.path()).await;
+        let file = dir.path().join(DATABASE_FILE);
+        // A database that is there but empty: what starting afresh over the old one would give.
+        std::fs::remove_file(&file).unwrap();
+        drop(Database::create(&file).unwrap());
+        let message = refusal(RedbStore::open(dir.path()));
+        assert!(message.contains("no layout version"), "{message}");
+        assert!(message.contains("cannot be opened safely"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_database_without_its_marker_gets_one_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_a_record(dir.path()).await;
+        std::fs::remove_file(dir.path().join(MARKER_FILE)).unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert!(dir.path().join(MARKER_FILE).exists());
+        let user = store
+            .unit(|tx| tx.get(TableName::Users, b"user"))
+            .await
+            .unwrap();
+        assert!(user.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_newer_layout_is_refused_with_a_clear_message() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(RedbStore::open(dir.path()).unwrap());
+        {
+            let db = Database::open(dir.path().join(DATABASE_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(table(TableName::Meta))
+                .unwrap()
+                .insert(LAYOUT_KEY, b"99".as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let message = refusal(RedbStore::open(dir.path()));
+        assert!(message.contains("layout version 99"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_database_is_refused_as_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_a_record(dir.path()).await;
+        let file = dir.path().join(DATABASE_FILE);
+        let mut bytes = std::fs::read(&file).unwrap();
+        // The file header: its magic number.
+        bytes[..16].iter_mut().for_each(|byte| *byte ^= 0xff);
+        std::fs::write(&file, bytes).unwrap();
+        let message = refusal(RedbStore::open(dir.path()));
+        assert!(message.contains("cannot be opened safely"), "{message}");
+        assert!(message.contains("redb cannot read it"), "{message}");
+        assert!(message.contains("ctwa.redb ("), "{message}");
+        assert!(message.contains("backup"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn an_open_store_is_not_opened_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = RedbStore::open(dir.path()).unwrap();
+        let message = refusal(RedbStore::open(dir.path()));
+        assert!(message.contains("already open"), "{message}");
+    }
+
+    #[test]
+    fn free_space_below_the_floor_is_refused_with_the_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        check_free_space(dir.path(), 1).unwrap();
+        let refusal = check_free_space(dir.path(), u64::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(refusal.contains("CTWA_MIN_FREE_MB"), "{refusal}");
+        assert!(refusal.contains("free some space"), "{refusal}");
+        let opened = RedbStore::open_with_free_space(dir.path(), u64::MAX);
+        assert!(matches!(opened, Err(StoreError::LowDiskSpace { .. })));
+        assert!(!dir.path().join(DATABASE_FILE).exists());
+    }
+}
