@@ -1,20 +1,23 @@
 //! The load generator: many keep-alive HTTP/1.1 connections (hyper's client connection, one task
-//! each, no pool), driven either as fast as the server answers or at a fixed rate.
+//! each doing its own I/O, no pool), driven either as fast as the server answers or at a fixed rate.
 //!
 //! At a fixed rate, request `i` is due at `start + i / rate` (connection `c` sends the requests
 //! `i ≡ c mod connections`), and its latency is measured from that intended start, not from when
 //! it was sent: a stalled server delays the requests behind it, and their wait counts (no
 //! coordinated omission). How late the client itself sent requests is reported separately.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::http1::{Connection, SendRequest};
 use hyper::header::{HeaderName, HeaderValue, HOST};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
@@ -172,28 +175,54 @@ struct ConnectionResult {
     send_lag: Histogram<u64>,
 }
 
-/// Opens one keep-alive HTTP/1.1 connection.
-pub async fn connect(target: &Target) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-    let stream = TcpStream::connect(target.addr).await?;
-    stream.set_nodelay(true)?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        // Its end (or error) shows up on the sender.
-        let _ = connection.await;
-    });
-    Ok(sender)
+/// One keep-alive HTTP/1.1 connection: the request half, and the connection future that does the
+/// I/O. The future is polled by the task that sends (see [`Client::exchange`]), not spawned, so a
+/// request costs no wake-up of another task.
+pub struct Client {
+    sender: SendRequest<Full<Bytes>>,
+    connection: Pin<Box<Connection<TokioIo<TcpStream>, Full<Bytes>>>>,
 }
 
-/// Sends one request and reads the whole answer: status and body.
-pub async fn exchange(
-    sender: &mut SendRequest<Full<Bytes>>,
-    request: Request<Full<Bytes>>,
-) -> anyhow::Result<(u16, Bytes)> {
-    sender.ready().await?;
-    let response = sender.send_request(request).await?;
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, body))
+impl Client {
+    /// Opens one connection.
+    pub async fn connect(target: &Target) -> anyhow::Result<Client> {
+        let stream = TcpStream::connect(target.addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        Ok(Client {
+            sender,
+            connection: Box::pin(connection),
+        })
+    }
+
+    /// Whether the server closed the connection while it was idle (a look, without waiting).
+    fn closed(&mut self) -> bool {
+        let mut context = Context::from_waker(Waker::noop());
+        self.connection.as_mut().poll(&mut context).is_ready()
+    }
+
+    /// Sends one request and reads the whole answer: status and body.
+    pub async fn exchange(
+        &mut self,
+        request: Request<Full<Bytes>>,
+    ) -> anyhow::Result<(u16, Bytes)> {
+        let sender = &mut self.sender;
+        let exchange = async move {
+            sender.ready().await?;
+            let response = sender.send_request(request).await?;
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, body))
+        };
+        tokio::select! {
+            answer = exchange => answer,
+            ended = self.connection.as_mut() => match ended {
+                Ok(()) => anyhow::bail!("the server closed the connection"),
+                Err(error) => Err(error.into()),
+            },
+        }
+    }
 }
 
 async fn drive(shared: Arc<Shared>, connection: usize) -> ConnectionResult {
@@ -207,7 +236,7 @@ async fn drive(shared: Arc<Shared>, connection: usize) -> ConnectionResult {
         latency: new_histogram(),
         send_lag: new_histogram(),
     };
-    let mut sender: Option<SendRequest<Full<Bytes>>> = None;
+    let mut client: Option<Client> = None;
     let mut round = 0u64;
     loop {
         if plan.rate.is_none()
@@ -248,9 +277,12 @@ async fn drive(shared: Arc<Shared>, connection: usize) -> ConnectionResult {
             shared.next.fetch_max(index + 1, Ordering::Relaxed);
         }
         let request = shared.build(index);
-        let mut current = match sender.take() {
-            Some(current) if !current.is_closed() => current,
-            _ => match connect(&shared.target).await {
+        if client.as_mut().is_some_and(Client::closed) {
+            client = None;
+        }
+        let mut current = match client.take() {
+            Some(current) => current,
+            None => match Client::connect(&shared.target).await {
                 Ok(current) => current,
                 Err(error) => {
                     result.transport += 1;
@@ -260,7 +292,7 @@ async fn drive(shared: Arc<Shared>, connection: usize) -> ConnectionResult {
                 }
             },
         };
-        match exchange(&mut current, request).await {
+        match current.exchange(request).await {
             Ok((status, body)) => {
                 let now = Instant::now();
                 result.last_answer = now;
@@ -277,7 +309,7 @@ async fn drive(shared: Arc<Shared>, connection: usize) -> ConnectionResult {
                     let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
                     shared.sample(format!("status {status}: {text}"));
                 }
-                sender = Some(current);
+                client = Some(current);
             }
             Err(error) => {
                 result.transport += 1;

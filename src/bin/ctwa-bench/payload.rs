@@ -121,7 +121,7 @@ impl Fleet {
                 out,
                 r#""referral":{{"source_url":"https://fb.me/b{ad:x}","source_id":"{ad}","source_type":"ad","body":"Summer Succulents are here!","headline":"Chat with us","media_type":"image","image_url":"https://scontent.xx.fbcdn.net/v/t45.1-{ad}","ctwa_clid":"Aff-bench{run:08x}{index:012}n8ZTODiE79d22KtAwQKj9e_mIEOOj27vDVwFjN80dp4_0NiNhEgpGo0AHemvuSoifXaytfTzcchptiErTKCqTrJ5nW1h7IHYeYymGb5K5J5","welcome_message":{{"text":"Hi there! Let us know how we can help!"}}}},"from":"{phone}","id":"wamid.BENCH{run:08X}{index:012}AgASGBQzQUQ0N0VFMDA2MTQ0RkJFNkNDNAA=","timestamp":"{timestamp}","text":{{"body":"Can I get more info about this?"}},"type":"text""#
             );
-        } else if hash % 7 == 0 {
+        } else if hash.is_multiple_of(7) {
             // wa_10_interactive_button_reply.json
             let _ = write!(
                 out,
@@ -198,7 +198,7 @@ impl Fleet {
     pub fn conversion(&self, index: u64, phone_index: u64) -> Prepared {
         let phone = self.phone(phone_index);
         let run = self.run;
-        let body = if index % 2 == 0 {
+        let body = if index.is_multiple_of(2) {
             format!(
                 r#"{{"accountId":"{account}","eventName":"Purchase","eventId":"bench-{run:08x}-{index}","phoneE164":"{phone}","value":49.9,"currency":"USD","contentIds":["sku-{sku}"],"email":"buyer{index}@example.com"}}"#,
                 account = self.account_id,
