@@ -32,32 +32,38 @@ const PRUNE_PAGE: usize = 512;
 #[async_trait]
 impl AttributionStore for Store {
     /// Appends the body to the journal and runs `apply` in one unit of the writer's next batch;
-    /// returns once the batch is committed.
+    /// returns once the batch is committed. When `apply` fails its writes are undone but the
+    /// journal entry is kept (as the sled store keeps it), and its error is returned once the
+    /// entry is durable.
     async fn record_webhook(
         &self,
         raw: Bytes,
         received_at: i64,
         apply: Option<UnitOfWork>,
     ) -> Result<(u64, IngestReport), StoreError> {
-        self.unit(move |tx| {
-            let seq = tx.next_journal_seq();
-            let mut entry = Vec::with_capacity(8 + raw.len());
-            entry.extend_from_slice(&received_at.to_be_bytes());
-            entry.extend_from_slice(&raw);
-            tx.insert(TableName::Journal, seq.to_be_bytes(), entry)?;
-            let report = match apply {
-                Some(apply) => apply(&mut RedbUnit {
-                    tx,
-                    journal_seq: Some(seq),
-                })?,
-                None => {
-                    tx.insert(TableName::Unparseable, seq.to_be_bytes(), [])?;
-                    IngestReport::default()
+        let outcome = self
+            .unit(move |tx| {
+                let seq = tx.next_journal_seq();
+                let mut entry = Vec::with_capacity(8 + raw.len());
+                entry.extend_from_slice(&received_at.to_be_bytes());
+                entry.extend_from_slice(&raw);
+                tx.insert(TableName::Journal, seq.to_be_bytes(), entry)?;
+                match apply {
+                    Some(apply) => tx.undone_on_error(|tx| {
+                        apply(&mut RedbUnit {
+                            tx,
+                            journal_seq: Some(seq),
+                        })
+                        .map(|report| (seq, report))
+                    }),
+                    None => {
+                        tx.insert(TableName::Unparseable, seq.to_be_bytes(), [])?;
+                        Ok(Ok((seq, IngestReport::default())))
+                    }
                 }
-            };
-            Ok((seq, report))
-        })
-        .await
+            })
+            .await?;
+        self.noted(outcome)
     }
 
     async fn attribution_unit(&self, work: UnitOfWork) -> Result<IngestReport, StoreError> {
@@ -403,5 +409,46 @@ impl AttributionUnit for RedbUnit<'_, '_> {
             self.tx.remove(TableName::PendingEvents, held_key)?;
         }
         Ok(events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::{ReadableDatabase, ReadableTableMetadata};
+
+    use super::*;
+
+    fn count(store: &Store, name: TableName) -> u64 {
+        let read = store.inner.db.begin_read().unwrap();
+        read.open_table(table(name)).unwrap().len().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_webhook_whose_rules_fail_stays_journaled_and_its_changes_are_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let failing: UnitOfWork = Box::new(|unit| {
+            unit.put_conversation(&Conversation::open(
+                "conv".into(),
+                "acc".into(),
+                "u".into(),
+                1,
+            ))?;
+            Err(StoreError::Corrupt("a rule failed".into()))
+        });
+        let error = store
+            .record_webhook(Bytes::from_static(b"{}"), 1, Some(failing))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, StoreError::Corrupt(_)), "{error}");
+        assert_eq!(count(&store, TableName::Journal), 1);
+        assert_eq!(count(&store, TableName::Conversations), 0);
+        let (seq, _) = store
+            .record_webhook(Bytes::from_static(b"not json"), 2, None)
+            .await
+            .unwrap();
+        assert_eq!(seq, 1);
+        assert_eq!(count(&store, TableName::Journal), 2);
+        assert_eq!(count(&store, TableName::Unparseable), 1);
     }
 }

@@ -201,6 +201,22 @@ impl<'t> Tx<'t> {
         seq
     }
 
+    /// Runs `work`; when it fails, undoes what it wrote and returns its error, keeping what the
+    /// unit wrote before it.
+    pub(crate) fn undone_on_error<T>(
+        &mut self,
+        work: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<Result<T, StoreError>, StoreError> {
+        let mark = self.mark();
+        match work(self) {
+            Ok(value) => Ok(Ok(value)),
+            Err(error) => {
+                self.undo_to(mark)?;
+                Ok(Err(error))
+            }
+        }
+    }
+
     fn mark(&self) -> Mark {
         Mark {
             undo_len: self.undo.len(),
