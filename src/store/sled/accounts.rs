@@ -403,4 +403,41 @@ mod tests {
         assert!(!shown.contains("EAAG-stored-token"), "{shown}");
         assert!(shown.contains("REDACTED"), "{shown}");
     }
+
+    /// Concurrent creations land in shared writer batches: a unit that conflicts is undone alone
+    /// and the others of its batch are kept.
+    #[tokio::test]
+    async fn conflicting_units_in_one_batch_fail_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
+        let creations: Vec<_> = (0..40)
+            .map(|attempt| {
+                let store = store.clone();
+                let record = RECORD_OF_THE_FIRST_LAYOUT
+                    .replace("acc_1", &format!("acc_{}", attempt % 10))
+                    .replace("106540352242922", &format!("{}", 1000 + attempt));
+                tokio::spawn(async move {
+                    let account = decode_account(record.as_bytes()).unwrap();
+                    store.create_account(account).await
+                })
+            })
+            .collect();
+        let mut created = 0;
+        for creation in creations {
+            match creation.await.unwrap() {
+                Ok(_) => created += 1,
+                Err(StoreError::Conflict(message)) => assert!(message.contains("already exists")),
+                Err(other) => panic!("{other}"),
+            }
+        }
+        assert_eq!(created, 10);
+        assert_eq!(store.accounts().len(), 10);
+        let stored = store.inner.trees.accounts.len();
+        let numbers = store.inner.trees.account_by_phone_number_id.len();
+        assert_eq!(
+            (stored, numbers),
+            (10, 10),
+            "no write of a failed unit was kept"
+        );
+    }
 }

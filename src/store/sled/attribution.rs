@@ -26,45 +26,35 @@ use crate::store::{
 
 #[async_trait]
 impl AttributionStore for Store {
-    /// Journals a verified body (in parallel with other requests, on the blocking pool), then
-    /// runs `apply` as one unit on the writer thread, then waits for both to be durable.
+    /// Journals a verified body and runs `apply` in the same unit on the writer thread (one sled
+    /// transaction: the journal entry and the state it changes are kept or lost together), then
+    /// waits for it to be durable. Every write of a unit is on the writer thread, so the sled
+    /// transactions never wait for plain writes made elsewhere.
     async fn record_webhook(
         &self,
         raw: Bytes,
         received_at: i64,
         apply: Option<UnitOfWork>,
     ) -> Result<(u64, IngestReport), StoreError> {
-        let parseable = apply.is_some();
-        let seq = self
-            .run(move |inner| {
-                let trees = &inner.trees;
-                let seq = trees.db.generate_id()?;
-                let mut entry = Vec::with_capacity(8 + raw.len());
-                entry.extend_from_slice(&received_at.to_be_bytes());
-                entry.extend_from_slice(&raw);
-                trees.journal.insert(seq.to_be_bytes(), entry)?;
-                if !parseable {
-                    trees.unparseable.insert(seq.to_be_bytes(), &[])?;
+        self.commit(move |tx| {
+            let seq = tx.trees().db.generate_id()?;
+            let mut entry = Vec::with_capacity(8 + raw.len());
+            entry.extend_from_slice(&received_at.to_be_bytes());
+            entry.extend_from_slice(&raw);
+            tx.insert(TreeName::Journal, seq.to_be_bytes(), entry);
+            let report = match apply {
+                Some(apply) => apply(&mut SledUnit {
+                    tx,
+                    journal_seq: Some(seq),
+                })?,
+                None => {
+                    tx.insert(TreeName::Unparseable, seq.to_be_bytes(), Vec::new());
+                    IngestReport::default()
                 }
-                Ok(seq)
-            })
-            .await?;
-        let report = match apply {
-            Some(apply) => {
-                self.commit(move |tx| {
-                    apply(&mut SledUnit {
-                        tx,
-                        journal_seq: Some(seq),
-                    })
-                })
-                .await?
-            }
-            None => {
-                self.durable().await?;
-                IngestReport::default()
-            }
-        };
-        Ok((seq, report))
+            };
+            Ok((seq, report))
+        })
+        .await
     }
 
     async fn attribution_unit(&self, work: UnitOfWork) -> Result<IngestReport, StoreError> {

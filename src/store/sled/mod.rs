@@ -131,26 +131,51 @@ struct Caches {
     api_keys_by_hash: HashMap<String, ApiKey>,
 }
 
-/// Work for the writer thread.
-type WriteJob = Box<dyn FnOnce() + Send>;
+/// What a unit leaves behind once it ran: it answers its caller when its batch was applied.
+type Completion = Box<dyn FnOnce(Result<(), sled::Error>) + Send>;
 
-/// The one thread that changes attribution state (users, conversations, message ids, pending
-/// events, accounts, conversion records). Running every read-modify-write on one thread keeps
-/// them from interleaving without a lock that dozens of blocking threads would queue on.
+/// A unit of work for the writer thread: it runs over the batch's [`Tx`] and says how to answer.
+type UnitJob = Box<dyn FnOnce(&mut Tx<'_>) -> Completion + Send>;
+
+/// The most units the writer applies in one sled transaction.
+const MAX_BATCH: usize = 256;
+
+/// The one thread that changes state (users, conversations, message ids, pending events,
+/// the journal of webhooks, accounts, conversion records). Running every read-modify-write on one
+/// thread keeps them from interleaving without a lock that dozens of blocking threads would queue
+/// on. It takes every unit waiting, runs them one after another over one [`Tx`] (a unit that
+/// fails is rolled back alone), and applies their writes in one sled transaction: a crash keeps
+/// each unit whole or not at all, and a burst of webhooks costs one transaction, not one each.
 struct Writer {
-    jobs: std::sync::mpsc::Sender<WriteJob>,
+    jobs: std::sync::mpsc::Sender<(Arc<Inner>, UnitJob)>,
 }
 
 impl Writer {
     fn spawn() -> std::io::Result<Self> {
-        let (jobs, incoming) = std::sync::mpsc::channel::<WriteJob>();
+        let (jobs, incoming) = std::sync::mpsc::channel::<(Arc<Inner>, UnitJob)>();
         std::thread::Builder::new()
             .name("ctwa-writer".into())
             .spawn(move || {
-                for job in incoming {
-                    // A panicking job drops its reply, so its caller gets an error; the thread and
-                    // the jobs behind it carry on. Each step is idempotent for a redelivery.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                while let Ok((inner, first)) = incoming.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(incoming.try_iter().take(MAX_BATCH - 1).map(|(_, job)| job));
+                    let mut tx = Tx::new(&inner);
+                    let mut completions = Vec::with_capacity(batch.len());
+                    for job in batch {
+                        tx.begin_unit();
+                        // A panicking unit drops its reply, so its caller gets an error; its
+                        // writes are undone and the units behind it carry on.
+                        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            job(&mut tx)
+                        })) {
+                            Ok(completion) => completions.push(completion),
+                            Err(_) => tx.rollback_unit(),
+                        }
+                    }
+                    let applied = tx.apply();
+                    for completion in completions {
+                        completion(applied.clone());
+                    }
                 }
             })?;
         Ok(Self { jobs })
@@ -269,20 +294,29 @@ impl SledStore {
         self.noted(outcome)
     }
 
-    /// Runs a read-modify-write on the writer thread, after every one submitted before it.
-    async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
+    /// Runs `work` on the writer thread as one unit, after every unit submitted before it: its
+    /// writes are buffered in the batch's [`Tx`] (undone alone if it fails) and applied with the
+    /// batch in one sled transaction, all or nothing. Not yet durable: see [`Self::commit`].
+    async fn apply_unit<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
         let (reply, answer) = oneshot::channel();
-        // The job runs in the caller's span, so its log lines carry the request id.
+        // The unit runs in the caller's span, so its log lines carry the request id.
         let span = tracing::Span::current();
-        let job: WriteJob = Box::new(move || {
-            let _ = reply.send(span.in_scope(|| work(&inner)));
+        let job: UnitJob = Box::new(move |tx| match span.in_scope(|| work(tx)) {
+            Ok(value) => Box::new(move |applied: Result<(), sled::Error>| {
+                let _ = reply.send(applied.map(|()| value).map_err(StoreError::Sled));
+            }),
+            Err(error) => {
+                tx.rollback_unit();
+                Box::new(move |_| {
+                    let _ = reply.send(Err(error));
+                })
+            }
         });
-        let outcome = match self.inner.writer.jobs.send(job) {
+        let outcome = match self.inner.writer.jobs.send((Arc::clone(&self.inner), job)) {
             Ok(()) => answer
                 .await
                 .map_err(|_| StoreError::TaskGone)
@@ -290,22 +324,6 @@ impl SledStore {
             Err(_) => Err(StoreError::TaskGone),
         };
         self.noted(outcome)
-    }
-
-    /// Runs `work` on the writer thread as one unit: its writes are buffered in a [`Tx`] and
-    /// applied in one sled transaction, all or nothing. Not yet durable: see [`Self::commit`].
-    async fn apply_unit<T, F>(&self, work: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Tx<'_>) -> Result<T, StoreError> + Send + 'static,
-    {
-        self.write(move |inner| {
-            let mut tx = Tx::new(inner);
-            let value = work(&mut tx)?;
-            tx.apply()?;
-            Ok(value)
-        })
-        .await
     }
 
     /// [`Self::apply_unit`], then durable before it returns: the seam's convention for writes.

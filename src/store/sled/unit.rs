@@ -29,6 +29,8 @@ pub(crate) enum TreeName {
     ConversionHistory,
     ConversionByConversation,
     Outbox,
+    Journal,
+    Unparseable,
 }
 
 impl Trees {
@@ -49,6 +51,8 @@ impl Trees {
             TreeName::ConversionHistory => &self.conversion_history,
             TreeName::ConversionByConversation => &self.conversion_by_conversation,
             TreeName::Outbox => &self.outbox,
+            TreeName::Journal => &self.journal,
+            TreeName::Unparseable => &self.unparseable,
         }
     }
 }
@@ -56,10 +60,19 @@ impl Trees {
 /// A key and its value.
 pub(crate) type Entry = (Vec<u8>, Vec<u8>);
 
+/// A pending write: `None` removes the key.
+type Pending = Option<Vec<u8>>;
+
+/// A key of a tree.
+type TreeKey = (TreeName, Vec<u8>);
+
 pub(crate) struct Tx<'a> {
     pub(crate) inner: &'a Inner,
-    /// Pending writes: `None` removes the key.
-    writes: BTreeMap<(TreeName, Vec<u8>), Option<Vec<u8>>>,
+    /// Pending writes of every unit of the batch so far.
+    writes: BTreeMap<TreeKey, Pending>,
+    /// How to undo the current unit: each key it wrote, with what the batch held before
+    /// (`None`: nothing pending for that key).
+    undo: Vec<(TreeKey, Option<Pending>)>,
 }
 
 impl<'a> Tx<'a> {
@@ -67,7 +80,28 @@ impl<'a> Tx<'a> {
         Self {
             inner,
             writes: BTreeMap::new(),
+            undo: Vec::new(),
         }
+    }
+
+    /// Starts the next unit of the batch.
+    pub(crate) fn begin_unit(&mut self) {
+        self.undo.clear();
+    }
+
+    /// Undoes every write of the current unit, leaving the batch as it was before it.
+    pub(crate) fn rollback_unit(&mut self) {
+        while let Some((key, before)) = self.undo.pop() {
+            match before {
+                Some(pending) => self.writes.insert(key, pending),
+                None => self.writes.remove(&key),
+            };
+        }
+    }
+
+    fn write(&mut self, key: TreeKey, value: Pending) {
+        let before = self.writes.insert(key.clone(), value);
+        self.undo.push((key, before));
     }
 
     pub(crate) fn trees(&self) -> &'a Trees {
@@ -95,11 +129,11 @@ impl<'a> Tx<'a> {
         key: impl Into<Vec<u8>>,
         value: impl Into<Vec<u8>>,
     ) {
-        self.writes.insert((tree, key.into()), Some(value.into()));
+        self.write((tree, key.into()), Some(value.into()));
     }
 
     pub(crate) fn remove(&mut self, tree: TreeName, key: impl Into<Vec<u8>>) {
-        self.writes.insert((tree, key.into()), None);
+        self.write((tree, key.into()), None);
     }
 
     /// Every entry whose key starts with `prefix`, in key order, as this unit sees them.
@@ -127,8 +161,8 @@ impl<'a> Tx<'a> {
             .collect())
     }
 
-    /// Applies every pending write in one transaction over the trees they touch.
-    pub(crate) fn apply(self) -> Result<(), StoreError> {
+    /// Applies every pending write of the batch in one transaction over the trees they touch.
+    pub(crate) fn apply(self) -> Result<(), sled::Error> {
         if self.writes.is_empty() {
             return Ok(());
         }
@@ -149,12 +183,54 @@ impl<'a> Tx<'a> {
                     }
                 }
             }
-            Ok::<(), ConflictableTransactionError<StoreError>>(())
+            Ok::<(), ConflictableTransactionError<()>>(())
         });
         match outcome {
             Ok(()) => Ok(()),
-            Err(TransactionError::Abort(error)) => Err(error),
-            Err(TransactionError::Storage(error)) => Err(StoreError::Sled(error)),
+            Err(TransactionError::Storage(error)) => Err(error),
+            // Nothing here aborts.
+            Err(TransactionError::Abort(())) => Err(sled::Error::ReportableBug(
+                "a batch transaction aborted without a reason".into(),
+            )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sled::SledStore;
+
+    #[test]
+    fn a_unit_rolled_back_leaves_the_units_before_it_in_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let mut tx = Tx::new(&store.inner);
+        tx.begin_unit();
+        tx.insert(TreeName::Users, b"k1".to_vec(), b"first".to_vec());
+        tx.begin_unit();
+        tx.insert(TreeName::Users, b"k1".to_vec(), b"second".to_vec());
+        tx.insert(TreeName::Conversations, b"k2".to_vec(), b"second".to_vec());
+        tx.remove(TreeName::Users, b"k1".to_vec());
+        assert_eq!(tx.get(TreeName::Users, b"k1").unwrap(), None);
+        tx.rollback_unit();
+        assert_eq!(
+            tx.get(TreeName::Users, b"k1").unwrap().as_deref(),
+            Some(&b"first"[..])
+        );
+        assert_eq!(tx.get(TreeName::Conversations, b"k2").unwrap(), None);
+        tx.begin_unit();
+        tx.insert(TreeName::Messages, b"k3".to_vec(), b"third".to_vec());
+        tx.apply().unwrap();
+        let trees = &store.inner.trees;
+        assert_eq!(
+            trees.users.get(b"k1").unwrap().as_deref(),
+            Some(&b"first"[..])
+        );
+        assert_eq!(trees.conversations.get(b"k2").unwrap(), None);
+        assert_eq!(
+            trees.messages.get(b"k3").unwrap().as_deref(),
+            Some(&b"third"[..])
+        );
     }
 }
