@@ -27,34 +27,39 @@ use crate::store::{
 #[async_trait]
 impl AttributionStore for Store {
     /// Journals a verified body and runs `apply` in the same unit on the writer thread (one sled
-    /// transaction: the journal entry and the state it changes are kept or lost together), then
-    /// waits for it to be durable. Every write of a unit is on the writer thread, so the sled
-    /// transactions never wait for plain writes made elsewhere.
+    /// transaction), then waits for it to be durable. If the rules fail, only their writes are
+    /// undone: the body stays journaled (it can be replayed once the cause is fixed) and the
+    /// caller gets the error, so Meta is answered 5xx and redelivers. Every write of a unit is on
+    /// the writer thread, so the sled transactions never wait for plain writes made elsewhere.
     async fn record_webhook(
         &self,
         raw: Bytes,
         received_at: i64,
         apply: Option<UnitOfWork>,
     ) -> Result<(u64, IngestReport), StoreError> {
-        self.commit(move |tx| {
-            let seq = tx.trees().db.generate_id()?;
-            let mut entry = Vec::with_capacity(8 + raw.len());
-            entry.extend_from_slice(&received_at.to_be_bytes());
-            entry.extend_from_slice(&raw);
-            tx.insert(TreeName::Journal, seq.to_be_bytes(), entry);
-            let report = match apply {
-                Some(apply) => apply(&mut SledUnit {
+        let recorded = self
+            .commit(move |tx| {
+                let seq = tx.trees().db.generate_id()?;
+                let mut entry = Vec::with_capacity(8 + raw.len());
+                entry.extend_from_slice(&received_at.to_be_bytes());
+                entry.extend_from_slice(&raw);
+                tx.insert(TreeName::Journal, seq.to_be_bytes(), entry);
+                let Some(apply) = apply else {
+                    tx.insert(TreeName::Unparseable, seq.to_be_bytes(), Vec::new());
+                    return Ok(Ok((seq, IngestReport::default())));
+                };
+                let journaled = tx.savepoint();
+                let applied = apply(&mut SledUnit {
                     tx,
                     journal_seq: Some(seq),
-                })?,
-                None => {
-                    tx.insert(TreeName::Unparseable, seq.to_be_bytes(), Vec::new());
-                    IngestReport::default()
+                });
+                if applied.is_err() {
+                    tx.rollback_to(journaled);
                 }
-            };
-            Ok((seq, report))
-        })
-        .await
+                Ok(applied.map(|report| (seq, report)))
+            })
+            .await?;
+        recorded
     }
 
     async fn attribution_unit(&self, work: UnitOfWork) -> Result<IngestReport, StoreError> {
@@ -394,5 +399,42 @@ impl AttributionUnit for SledUnit<'_, '_> {
             self.tx.remove(TreeName::PendingEvents, held_key);
         }
         Ok(events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sled::SledStore;
+
+    /// A webhook whose rules fail: the body stays journaled (durably), the rules' writes are
+    /// undone, and the caller gets the error.
+    #[tokio::test]
+    async fn a_webhook_whose_rules_fail_stays_journaled_without_their_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let failing: UnitOfWork = Box::new(|unit| {
+            unit.mark_message_seen(
+                "acc",
+                "wamid.1",
+                &SeenMessage {
+                    timestamp: 1,
+                    conversation_id: "conv".into(),
+                },
+            )?;
+            Err(StoreError::Corrupt("the rules failed".into()))
+        });
+        let outcome = store
+            .record_webhook(Bytes::from_static(b"{}"), 7, Some(failing))
+            .await;
+        assert!(
+            matches!(outcome, Err(StoreError::Corrupt(_))),
+            "{outcome:?}"
+        );
+        let trees = &store.inner.trees;
+        assert_eq!(trees.journal.len(), 1);
+        let (_, entry) = trees.journal.first().unwrap().unwrap();
+        assert_eq!(journal_entry(&entry).unwrap().body, b"{}");
+        assert!(trees.messages.is_empty(), "the rules' write was undone");
     }
 }

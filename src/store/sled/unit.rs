@@ -91,7 +91,20 @@ impl<'a> Tx<'a> {
 
     /// Undoes every write of the current unit, leaving the batch as it was before it.
     pub(crate) fn rollback_unit(&mut self) {
-        while let Some((key, before)) = self.undo.pop() {
+        self.rollback_to(0);
+    }
+
+    /// A point inside the current unit to roll back to.
+    pub(crate) fn savepoint(&self) -> usize {
+        self.undo.len()
+    }
+
+    /// Undoes the current unit's writes made after `savepoint`.
+    pub(crate) fn rollback_to(&mut self, savepoint: usize) {
+        while self.undo.len() > savepoint {
+            let Some((key, before)) = self.undo.pop() else {
+                break;
+            };
             match before {
                 Some(pending) => self.writes.insert(key, pending),
                 None => self.writes.remove(&key),
