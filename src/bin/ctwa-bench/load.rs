@@ -115,6 +115,9 @@ pub struct Outcome {
     pub built_live: u64,
     /// The first few failures, to say what went wrong.
     pub error_samples: Vec<String>,
+    /// CPU time the server (when its pid is known) and the bench used during the timed phase.
+    pub server_cpu: Option<Duration>,
+    pub bench_cpu: Option<Duration>,
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -321,7 +324,13 @@ async fn drive(shared: Arc<Shared>, connection: usize) -> ConnectionResult {
 }
 
 /// Runs `workload` against `target` as `plan` says.
-pub async fn run(target: &Target, workload: Arc<dyn Workload>, plan: Plan) -> Outcome {
+/// `server_pid`: the server's process, whose CPU time during the timed phase is reported.
+pub async fn run(
+    target: &Target,
+    workload: Arc<dyn Workload>,
+    plan: Plan,
+    server_pid: Option<u32>,
+) -> Outcome {
     let prebuild_started = std::time::Instant::now();
     let mut prebuilt = Vec::new();
     if workload.prebuild() {
@@ -356,6 +365,8 @@ pub async fn run(target: &Target, workload: Arc<dyn Workload>, plan: Plan) -> Ou
         samples: Mutex::new(Vec::new()),
     });
     tokio::time::sleep_until(start).await;
+    let server_cpu = server_pid.and_then(crate::server::cpu_time);
+    let bench_cpu = crate::server::cpu_time(std::process::id());
     let tasks: Vec<_> = (0..plan.connections.max(1))
         .map(|connection| tokio::spawn(drive(shared.clone(), connection)))
         .collect();
@@ -372,6 +383,8 @@ pub async fn run(target: &Target, workload: Arc<dyn Workload>, plan: Plan) -> Ou
         prebuilt: shared.prebuilt.len() as u64,
         built_live: 0,
         error_samples: Vec::new(),
+        server_cpu: None,
+        bench_cpu: None,
     };
     let mut last_answer = start;
     for task in tasks {
@@ -391,6 +404,11 @@ pub async fn run(target: &Target, workload: Arc<dyn Workload>, plan: Plan) -> Ou
         last_answer = last_answer.max(result.last_answer);
     }
     outcome.elapsed = last_answer.saturating_duration_since(start);
+    let used = |before: Option<Duration>, pid: Option<u32>| {
+        Some(pid.and_then(crate::server::cpu_time)?.saturating_sub(before?))
+    };
+    outcome.server_cpu = used(server_cpu, server_pid);
+    outcome.bench_cpu = used(bench_cpu, Some(std::process::id()));
     // Each connection takes one index past the request budget before it stops.
     outcome.attempted = match plan.stop {
         Stop::Requests(total) => total.min(shared.next.load(Ordering::Relaxed)),

@@ -444,7 +444,7 @@ impl Bench {
         plan: Plan,
         messages_per_request: u64,
     ) -> Outcome {
-        let outcome = load::run(&self.target, workload, plan).await;
+        let outcome = load::run(&self.target, workload, plan, self.server_pid).await;
         self.next_phone += outcome.attempted * messages_per_request;
         self.acknowledged += outcome.ok * messages_per_request;
         outcome
@@ -545,7 +545,7 @@ impl Bench {
                     prebuild: true,
                     expect: Some(r#""events_received":1"#),
                 });
-                let alone = load::run(&graph_target, direct, plan).await;
+                let alone = load::run(&graph_target, direct, plan, None).await;
                 let convert = Percentiles::of(&outcome.latency);
                 let stand_in = Percentiles::of(&alone.latency);
                 graph_alone = Some(GraphAlone {
@@ -592,7 +592,8 @@ impl Bench {
             }
         };
         let seconds = outcome.elapsed.as_secs_f64().max(1e-9);
-        let requests = outcome.ok + outcome.non_2xx;
+        let requests = outcome.ok + outcome.non_2xx + outcome.unexpected;
+        let (server_cpu, bench_cpu) = (outcome.server_cpu, outcome.bench_cpu);
         let requests_per_s = requests as f64 / seconds;
         if name == ScenarioName::Ceiling {
             self.ceiling = Some(requests_per_s);
@@ -625,6 +626,10 @@ impl Bench {
             setup,
             graph_alone,
             graph_events,
+            server_cores: server_cpu.map(|cpu| cpu.as_secs_f64() / seconds),
+            server_cpu_us_per_request: server_cpu
+                .map(|cpu| cpu.as_secs_f64() * 1e6 / requests.max(1) as f64),
+            bench_cores: bench_cpu.map(|cpu| cpu.as_secs_f64() / seconds),
             server_rss_bytes: memory.map(|(now, _)| now),
             server_peak_rss_bytes: memory.map(|(_, peak)| peak),
             conversations_stored: self.next_phone,

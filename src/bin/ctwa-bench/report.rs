@@ -80,6 +80,11 @@ pub struct Scenario {
     pub graph_alone: Option<GraphAlone>,
     /// Conversions the Graph stand-in received during this scenario.
     pub graph_events: Option<u64>,
+    /// CPU the server used during the timed phase, in cores (CPU seconds per second), and per
+    /// request; the bench's own, in cores.
+    pub server_cores: Option<f64>,
+    pub server_cpu_us_per_request: Option<f64>,
+    pub bench_cores: Option<f64>,
     /// Server memory and store size when the scenario ended.
     pub server_rss_bytes: Option<u64>,
     pub server_peak_rss_bytes: Option<u64>,
@@ -232,6 +237,17 @@ impl Report {
                     ms(graph.latency.p99_ms),
                     ms(graph.added_p50_ms),
                     ms(graph.added_p99_ms)
+                );
+            }
+            if let (Some(server), Some(per_request), Some(bench)) = (
+                scenario.server_cores,
+                scenario.server_cpu_us_per_request,
+                scenario.bench_cores,
+            ) {
+                let _ = writeln!(
+                    out,
+                    "- {}: CPU — server {:.2} cores ({:.0} µs per request), bench {:.2} cores.",
+                    scenario.scenario, server, per_request, bench
                 );
             }
             if let Some(lag) = &scenario.send_lag {
