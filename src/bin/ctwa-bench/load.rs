@@ -405,7 +405,10 @@ pub async fn run(
     }
     outcome.elapsed = last_answer.saturating_duration_since(start);
     let used = |before: Option<Duration>, pid: Option<u32>| {
-        Some(pid.and_then(crate::server::cpu_time)?.saturating_sub(before?))
+        Some(
+            pid.and_then(crate::server::cpu_time)?
+                .saturating_sub(before?),
+        )
     };
     outcome.server_cpu = used(server_cpu, server_pid);
     outcome.bench_cpu = used(bench_cpu, Some(std::process::id()));

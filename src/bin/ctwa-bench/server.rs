@@ -101,9 +101,14 @@ impl Spawned {
             for (key, value) in config.extra_env {
                 command.env(key, value);
             }
-            let child = command
-                .spawn()
-                .with_context(|| format!("cannot start {}", config.binary.display()))?;
+            let child = match command.spawn() {
+                Ok(child) => child,
+                Err(error) => {
+                    let _ = std::fs::remove_dir_all(&work_dir);
+                    return Err(error)
+                        .with_context(|| format!("cannot start {}", config.binary.display()));
+                }
+            };
             let mut spawned = Spawned {
                 child,
                 url: format!("http://127.0.0.1:{port}"),
