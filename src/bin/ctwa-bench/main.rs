@@ -151,7 +151,14 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("the bench's runtime starts");
-    match runtime.block_on(run(args)) {
+    // Ctrl-C drops the run, and with it the spawned server (killed) and its directory.
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = run(args) => outcome,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("Error: {error:#}");
