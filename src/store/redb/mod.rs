@@ -4,10 +4,12 @@
 //!
 //! Writes: one `ctwa-writer` thread takes every unit waiting (webhooks with their journal
 //! entry, account changes, conversion writes), runs them one after another in ONE redb write
-//! transaction, commits it once with `Durability::Immediate` (one fsync for the batch), and only
-//! then answers them all (group commit). A unit that fails is undone alone inside the batch (see
-//! [`unit`]), and answered with its error; the others commit. So every unit is atomic, and
-//! durable before it is answered.
+//! transaction, commits it once with `Durability::Immediate`, and only then answers them all
+//! (group commit: one commit, two fsyncs, per batch). The commit is redb's two-phase commit with
+//! quick repair: a power cut never rolls back an answered batch, and a restart after one needs
+//! no full repair. A unit that fails is undone alone inside the batch (see [`unit`]), and
+//! answered with its error; the others commit. So every unit is atomic, and durable before it
+//! is answered.
 //!
 //! Reads run in their own read transactions on the blocking pool, in parallel with the writer.
 //! Accounts and API keys are also held in memory, updated on the writer thread right after the

@@ -7,6 +7,9 @@
 //! it. redb's savepoints cannot do this: `ephemeral_savepoint` refuses a transaction that has
 //! opened a table, and restores only to the last commit. If undoing fails, or the commit fails,
 //! nothing of the batch is kept and every unit in it is answered with the failure.
+//!
+//! Commits are `Durability::Immediate` with quick repair, which is redb's two-phase commit (see
+//! [`begin`]).
 
 use std::sync::mpsc::Receiver;
 
@@ -342,6 +345,11 @@ fn run_batch(db: &Database, next_seq: u64, jobs: Vec<WriteJob>) -> u64 {
 
 fn begin(db: &Database) -> Result<WriteTransaction, StoreError> {
     let mut txn = db.begin_write()?;
+    // Two-phase commit (and the allocator state saved with each commit, so a restart after a
+    // crash needs no full repair). With redb's default one-phase commit, ctwa-relay's power-cut
+    // harness lost a few acknowledged webhooks in 4 of 40 cuts (the store reopened at an earlier
+    // commit); with this, 0 in 20 cuts.
+    txn.set_quick_repair(true);
     txn.set_durability(Durability::Immediate)
         .map_err(|error| StoreError::Flush(format!("cannot make the commit durable: {error}")))?;
     Ok(txn)
