@@ -35,6 +35,9 @@ pub const DEFAULT_EVENT_NAMES: [&str; 14] = [
 
 /// The largest `CTWA_MIN_FREE_MB` accepted; a bigger value is almost surely bytes, not MiB.
 const MAX_MIN_FREE_MB: u64 = 1024 * 1024;
+/// Bounds of `cache_mb`: below 8 MiB the engines thrash, above 64 GiB is a typo.
+const MIN_CACHE_MB: u64 = 8;
+const MAX_CACHE_MB: u64 = 64 * 1024;
 
 /// The embedded engine behind the storage seam.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +94,8 @@ pub struct Settings {
     pub min_free_mb: u64,
     /// The engine that opens the store in `data_dir`; each refuses the other's store.
     pub store_engine: StoreEngine,
+    /// The embedded engine's page cache (MiB): memory is bounded by this, not by the data.
+    pub cache_mb: u64,
 }
 
 impl Default for Settings {
@@ -144,6 +149,7 @@ struct RawSettings {
     journal_retention_days: u32,
     min_free_mb: u64,
     store_engine: String,
+    cache_mb: u64,
 }
 
 impl Default for RawSettings {
@@ -176,6 +182,7 @@ impl Default for RawSettings {
             journal_retention_days: 30,
             min_free_mb: 64,
             store_engine: "sled".into(),
+            cache_mb: 128,
         }
     }
 }
@@ -235,6 +242,11 @@ impl Settings {
             }
         })?;
         raw.into_settings(|key| written_name(key, figment.find_metadata(key)))
+    }
+
+    /// [`Settings::cache_mb`] in bytes.
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache_mb * 1024 * 1024
     }
 
     /// [`Settings::min_free_mb`] in bytes.
@@ -345,6 +357,14 @@ impl RawSettings {
             self.min_free_mb
         );
         check(self.min_free_mb <= MAX_MIN_FREE_MB, "min_free_mb", message)?;
+        check(
+            (MIN_CACHE_MB..=MAX_CACHE_MB).contains(&self.cache_mb),
+            "cache_mb",
+            format!(
+                "is in MiB and must be between {MIN_CACHE_MB} and {MAX_CACHE_MB}; got {}",
+                self.cache_mb
+            ),
+        )?;
         Ok(Settings {
             listen,
             data_dir: self.data_dir,
@@ -377,6 +397,7 @@ impl RawSettings {
             journal_retention_days: Some(self.journal_retention_days).filter(|days| *days > 0),
             min_free_mb: self.min_free_mb,
             store_engine,
+            cache_mb: self.cache_mb,
         })
     }
 }
@@ -545,6 +566,19 @@ mod tests {
         assert!(format!("{default:?}").contains("min_free_mb: 64"));
         let off = Settings::load_from(None, env_of(&[("CTWA_MIN_FREE_MB", "0")])).unwrap();
         assert_eq!(off.min_free_bytes(), 0);
+    }
+
+    #[test]
+    fn the_cache_is_128_mib_unless_set_and_bounded() {
+        assert_eq!(Settings::default().cache_mb, 128);
+        assert_eq!(Settings::default().cache_bytes(), 128 * 1024 * 1024);
+        let settings = Settings::load_from(None, env_of(&[("CTWA_CACHE_MB", "32")])).unwrap();
+        assert_eq!(settings.cache_mb, 32);
+        let error = Settings::load_from(None, env_of(&[("CTWA_CACHE_MB", "4")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("CTWA_CACHE_MB"), "{error}");
+        assert!(error.contains("between 8 and 65536"), "{error}");
     }
 
     #[test]

@@ -47,16 +47,21 @@ impl Application {
     pub async fn build_with_clock(settings: Settings, clock: Clock) -> anyhow::Result<Self> {
         let data_dir = settings.data_dir.clone();
         let min_free_bytes = settings.min_free_bytes();
+        let cache_bytes = settings.cache_bytes();
         let engine = settings.store_engine;
         let store =
             tokio::task::spawn_blocking(move || -> Result<Store, crate::store::StoreError> {
                 Ok(match engine {
-                    StoreEngine::Sled => {
-                        Arc::new(SledStore::open_with_free_space(&data_dir, min_free_bytes)?)
-                    }
-                    StoreEngine::Redb => {
-                        Arc::new(RedbStore::open_with_free_space(&data_dir, min_free_bytes)?)
-                    }
+                    StoreEngine::Sled => Arc::new(SledStore::open_with(
+                        &data_dir,
+                        min_free_bytes,
+                        cache_bytes,
+                    )?),
+                    StoreEngine::Redb => Arc::new(RedbStore::open_with(
+                        &data_dir,
+                        min_free_bytes,
+                        cache_bytes,
+                    )?),
                 })
             })
             .await

@@ -35,6 +35,9 @@ use crate::ingest::IngestReport;
 pub use self::redb::RedbStore;
 pub use self::sled::{SledStore, MARKER_FILE};
 
+/// The engines' page cache when nothing sets `CTWA_CACHE_MB` (the setting's default).
+pub const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
+
 /// The shared handle every service holds.
 pub type Store = Arc<dyn Storage>;
 

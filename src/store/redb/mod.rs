@@ -32,7 +32,8 @@ use tokio::sync::oneshot;
 
 use super::{StoreError, StoreHealth};
 use crate::domain::account::{Account, ApiKey};
-use unit::{TableName, Tx};
+pub(crate) use unit::TableName;
+use unit::Tx;
 
 pub use open::{DATABASE_FILE, ENGINE};
 
@@ -40,9 +41,9 @@ pub use open::{DATABASE_FILE, ENGINE};
 /// records) in redb tables. Bump it with a migration when either changes.
 pub const LAYOUT_VERSION: u32 = 1;
 
-const LAYOUT_KEY: &[u8] = b"layout_version";
+pub(crate) const LAYOUT_KEY: &[u8] = b"layout_version";
 /// The next journal sequence number (8 bytes big-endian), written with every batch that used one.
-const NEXT_SEQ_KEY: &[u8] = b"journal_next_seq";
+pub(crate) const NEXT_SEQ_KEY: &[u8] = b"journal_next_seq";
 
 /// How long `/healthz` waits for its probe of a failed store.
 const LIVENESS_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -137,7 +138,17 @@ impl RedbStore {
     /// engine's store, unrelated files, a store whose data is missing, or a file system with
     /// less than `min_free_bytes` available. Checks the layout version and loads the caches.
     pub fn open_with_free_space(path: &Path, min_free_bytes: u64) -> Result<Self, StoreError> {
-        let db = Arc::new(open::open_checked(path, min_free_bytes)?);
+        Self::open_with(path, min_free_bytes, super::DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`RedbStore::open_with_free_space`], with redb's cache bounded to `cache_bytes`
+    /// (`CTWA_CACHE_MB`).
+    pub fn open_with(
+        path: &Path,
+        min_free_bytes: u64,
+        cache_bytes: u64,
+    ) -> Result<Self, StoreError> {
+        let db = Arc::new(open::open_checked(path, min_free_bytes, cache_bytes)?);
         let read = db.begin_read()?;
         let caches = accounts::load_caches(&read)?;
         let next_seq = match read.open_table(table(TableName::Meta))?.get(NEXT_SEQ_KEY)? {
@@ -338,7 +349,7 @@ impl StoreHealth for RedbStore {
 }
 
 /// The definition of one table: byte keys, byte values.
-fn table(name: TableName) -> TableDefinition<'static, Bytes, Bytes> {
+pub(crate) fn table(name: TableName) -> TableDefinition<'static, Bytes, Bytes> {
     TableDefinition::new(name.as_str())
 }
 

@@ -169,7 +169,11 @@ fn check_free_space(path: &Path, min_free_bytes: u64) -> Result<(), StoreError> 
 
 /// Opens redb in `path` after the checks above; creates the tables, layout version and marker
 /// of a new store, and checks the layout version of an existing one.
-pub(super) fn open_checked(path: &Path, min_free_bytes: u64) -> Result<Database, StoreError> {
+pub(super) fn open_checked(
+    path: &Path,
+    min_free_bytes: u64,
+    cache_bytes: u64,
+) -> Result<Database, StoreError> {
     std::fs::create_dir_all(path).map_err(|error| StoreError::Io {
         context: format!("cannot create {}", path.display()),
         error,
@@ -177,9 +181,11 @@ pub(super) fn open_checked(path: &Path, min_free_bytes: u64) -> Result<Database,
     let survey = survey_before_open(path)?;
     check_free_space(path, min_free_bytes)?;
     let file = path.join(DATABASE_FILE);
+    let mut builder = Database::builder();
+    builder.set_cache_size(usize::try_from(cache_bytes).unwrap_or(usize::MAX));
     let opened = match survey.database_len {
-        Some(_) => Database::open(&file),
-        None => Database::create(&file),
+        Some(_) => builder.open(&file),
+        None => builder.create(&file),
     };
     let db = match opened {
         Ok(db) => db,

@@ -213,11 +213,21 @@ impl SledStore {
     /// Like [`Store::open`], and first refuses to start when the data dir's file system has less
     /// than `min_free_bytes` available.
     pub fn open_with_free_space(path: &Path, min_free_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_with(path, min_free_bytes, super::DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`SledStore::open_with_free_space`], with sled's page cache bounded to
+    /// `cache_bytes` (`CTWA_CACHE_MB`).
+    pub fn open_with(
+        path: &Path,
+        min_free_bytes: u64,
+        cache_bytes: u64,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(path).map_err(|error| StoreError::Io {
             context: format!("cannot create {}", path.display()),
             error,
         })?;
-        let opened = open::open_checked(path, min_free_bytes)?;
+        let opened = open::open_checked(path, min_free_bytes, cache_bytes)?;
         let db = opened.db.clone();
         let meta = db.open_tree("meta")?;
         match meta.get(LAYOUT_KEY)? {
@@ -278,6 +288,11 @@ impl SledStore {
                 failure: Mutex::new(None),
             }),
         })
+    }
+
+    /// The open database, for `store::migrate`, which copies every tree.
+    pub(crate) fn database(&self) -> sled::Db {
+        self.inner.trees.db.clone()
     }
 
     /// Runs sled work on the blocking pool.

@@ -245,10 +245,19 @@ fn open_sled(
 
 /// Opens sled in `path` after the checks above. The caller then asks [`Opened::reads_as_empty`]
 /// when the store lacks its layout key.
-pub(super) fn open_checked(path: &Path, min_free_bytes: u64) -> Result<Opened, StoreError> {
+pub(super) fn open_checked(
+    path: &Path,
+    min_free_bytes: u64,
+    cache_bytes: u64,
+) -> Result<Opened, StoreError> {
     let survey = survey_before_open(path)?;
     check_free_space(path, min_free_bytes)?;
-    let db = open_sled(path, &survey, || sled::Config::new().path(path).open())?;
+    let db = open_sled(path, &survey, || {
+        sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .open()
+    })?;
     Ok(Opened { db, survey })
 }
 
