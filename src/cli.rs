@@ -49,6 +49,16 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Copy a sled store into a new redb store (CTWA_STORE_ENGINE=redb), verified by counts.
+    /// The server must not be running on either directory.
+    MigrateStore {
+        /// The sled store's data dir.
+        #[arg(long)]
+        from: PathBuf,
+        /// A new or empty directory for the redb store.
+        #[arg(long)]
+        to: PathBuf,
+    },
 }
 
 /// Which server to talk to. The admin token is read from `CTWA_ADMIN_TOKEN` only, so it never
@@ -210,7 +220,9 @@ fn parse_server_url(value: &str) -> Result<Url, String> {
 fn admin_request(command: Command) -> (Target, AdminRequest) {
     use reqwest::Method;
     match command {
-        Command::Serve => unreachable!("serve is not an admin command"),
+        Command::Serve | Command::MigrateStore { .. } => {
+            unreachable!("serve and migrate-store are not admin commands")
+        }
         Command::Accounts { command, target } => {
             let request = match command {
                 AccountsCommand::Add {
@@ -297,6 +309,23 @@ fn admin_request(command: Command) -> (Target, AdminRequest) {
             (target, request)
         }
     }
+}
+
+/// Runs `migrate-store`: copies the sled store in `from` into a new redb store in `to` and
+/// prints the count of every tree and table.
+pub async fn migrate_store(from: PathBuf, to: PathBuf) -> anyhow::Result<()> {
+    let target = to.clone();
+    let report =
+        tokio::task::spawn_blocking(move || crate::store::migrate::sled_to_redb(&from, &target))
+            .await?
+            .map_err(|error| anyhow::anyhow!(crate::error::error_chain(&error)))?;
+    println!("{report}");
+    println!(
+        "migrated to {}: start with CTWA_STORE_ENGINE=redb and CTWA_DATA_DIR={}",
+        to.display(),
+        to.display()
+    );
+    Ok(())
 }
 
 /// Runs an admin subcommand; prints the server's JSON answer and fails on an error status.

@@ -14,6 +14,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         None | Some(Command::Serve) => serve(cli.config).await,
+        Some(Command::MigrateStore { from, to }) => cli::migrate_store(from, to).await,
         Some(command) => cli::run_admin(command).await,
     };
     match outcome {

@@ -13,6 +13,7 @@ mod dataset;
 mod durability;
 mod health;
 mod hostile;
+mod migrate_store;
 mod openapi;
 mod retention;
 mod store_safety;
