@@ -42,6 +42,8 @@ const MAX_CACHE_MB: u64 = 64 * 1024;
 /// The embedded engine behind the storage seam.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreEngine {
+    /// The engine of the store already in the data directory; redb for a new one.
+    Auto,
     Sled,
     Redb,
 }
@@ -181,7 +183,7 @@ impl Default for RawSettings {
             outbox_backoff_max_ms: 3_600_000,
             journal_retention_days: 30,
             min_free_mb: 64,
-            store_engine: "sled".into(),
+            store_engine: "auto".into(),
             cache_mb: 128,
         }
     }
@@ -328,10 +330,11 @@ impl RawSettings {
             }
         };
         let store_engine = match self.store_engine.trim().to_ascii_lowercase().as_str() {
+            "auto" => StoreEngine::Auto,
             "sled" => StoreEngine::Sled,
             "redb" => StoreEngine::Redb,
             other => {
-                let message = format!("expected sled or redb, got {other:?}");
+                let message = format!("expected auto, sled or redb, got {other:?}");
                 return Err(invalid("store_engine", message));
             }
         };
@@ -582,9 +585,11 @@ mod tests {
     }
 
     #[test]
-    fn the_store_engine_is_sled_unless_set() {
+    fn the_store_engine_is_auto_unless_set() {
         let default = Settings::load_from(None, env_of(&[])).unwrap();
-        assert_eq!(default.store_engine, StoreEngine::Sled);
+        assert_eq!(default.store_engine, StoreEngine::Auto);
+        let sled = Settings::load_from(None, env_of(&[("CTWA_STORE_ENGINE", "sled")])).unwrap();
+        assert_eq!(sled.store_engine, StoreEngine::Sled);
         let redb = Settings::load_from(None, env_of(&[("CTWA_STORE_ENGINE", " REDB ")])).unwrap();
         assert_eq!(redb.store_engine, StoreEngine::Redb);
         let (_dir, path) = file_of("store_engine = \"redb\"\n");
@@ -595,7 +600,7 @@ mod tests {
         let shown = error.to_string();
         assert!(shown.contains("CTWA_STORE_ENGINE"), "{shown}");
         assert!(
-            shown.contains("expected sled or redb, got \"fjall\""),
+            shown.contains("expected auto, sled or redb, got \"fjall\""),
             "{shown}"
         );
         let (_dir, path) = file_of("store_engine = \"rocks\"\n");

@@ -48,7 +48,7 @@ impl Application {
         let data_dir = settings.data_dir.clone();
         let min_free_bytes = settings.min_free_bytes();
         let cache_bytes = settings.cache_bytes();
-        let engine = settings.store_engine;
+        let engine = resolve_engine(settings.store_engine, &settings.data_dir);
         let store =
             tokio::task::spawn_blocking(move || -> Result<Store, crate::store::StoreError> {
                 Ok(match engine {
@@ -57,7 +57,7 @@ impl Application {
                         min_free_bytes,
                         cache_bytes,
                     )?),
-                    StoreEngine::Redb => Arc::new(RedbStore::open_with(
+                    StoreEngine::Redb | StoreEngine::Auto => Arc::new(RedbStore::open_with(
                         &data_dir,
                         min_free_bytes,
                         cache_bytes,
@@ -189,6 +189,27 @@ impl Application {
             ),
         }
         served.context("the HTTP server failed")
+    }
+}
+
+/// The engine to open: the one named, or with `auto` the one whose store the data directory
+/// already holds (a sled store keeps working, with a warning to migrate), and redb for a new one.
+fn resolve_engine(setting: StoreEngine, data_dir: &std::path::Path) -> StoreEngine {
+    if setting != StoreEngine::Auto {
+        return setting;
+    }
+    match crate::store::existing_engine(data_dir) {
+        Some(crate::store::Engine::Sled) => {
+            tracing::warn!(
+                data_dir = %data_dir.display(),
+                "this data directory holds a sled store, so it is opened with sled; sled can lose \
+                 acknowledged writes in a power cut (RELIABILITY.md). Stop the server, run \
+                 `ctwa-relay migrate-store --from <this dir> --to <new dir>` and point \
+                 CTWA_DATA_DIR at the new directory (or set CTWA_STORE_ENGINE=sled to keep sled)"
+            );
+            StoreEngine::Sled
+        }
+        Some(crate::store::Engine::Redb) | None => StoreEngine::Redb,
     }
 }
 

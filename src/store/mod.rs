@@ -36,6 +36,39 @@ use crate::ingest::IngestReport;
 pub use self::redb::RedbStore;
 pub use self::sled::{SledStore, MARKER_FILE};
 
+/// An embedded engine that can hold a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sled,
+    Redb,
+}
+
+/// The engine whose store `path` already holds: by its `ctwa-store.json` marker, or, for stores
+/// older than the marker, by the engine's own files. `None` for a new or empty directory, and for
+/// one that holds something else (the engine that opens it then refuses it with a message).
+pub fn existing_engine(path: &std::path::Path) -> Option<Engine> {
+    if let Ok(marker) = std::fs::read_to_string(path.join(MARKER_FILE)) {
+        let engine = serde_json::from_str::<serde_json::Value>(&marker)
+            .ok()?
+            .get("engine")?
+            .as_str()?
+            .to_string();
+        return match engine.split('-').next() {
+            Some("sled") => Some(Engine::Sled),
+            Some("redb") => Some(Engine::Redb),
+            _ => None,
+        };
+    }
+    let has = |name: &str| path.join(name).exists();
+    if has(self::redb::DATABASE_FILE) {
+        Some(Engine::Redb)
+    } else if has("db") || has("conf") || has("blobs") {
+        Some(Engine::Sled)
+    } else {
+        None
+    }
+}
+
 /// The engines' page cache when nothing sets `CTWA_CACHE_MB` (the setting's default).
 pub const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
 
@@ -319,4 +352,46 @@ pub trait StoreHealth: Send + Sync {
     async fn check_ready(&self) -> Result<(), StoreError>;
     /// A synchronous flush, for the very end of shutdown.
     fn flush_blocking(&self) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_existing_engine_is_read_from_the_marker_or_the_engine_files() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(existing_engine(dir.path()), None, "an empty directory");
+        std::fs::write(dir.path().join("conf"), b"").unwrap();
+        assert_eq!(
+            existing_engine(dir.path()),
+            Some(Engine::Sled),
+            "sled before the marker"
+        );
+        std::fs::write(
+            dir.path().join(MARKER_FILE),
+            r#"{"engine":"redb-3","layoutVersion":1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            existing_engine(dir.path()),
+            Some(Engine::Redb),
+            "the marker wins"
+        );
+        std::fs::write(
+            dir.path().join(MARKER_FILE),
+            r#"{"engine":"sled-0.34","layoutVersion":1}"#,
+        )
+        .unwrap();
+        assert_eq!(existing_engine(dir.path()), Some(Engine::Sled));
+        std::fs::write(dir.path().join(MARKER_FILE), r#"{"engine":"fjall-2"}"#).unwrap();
+        assert_eq!(
+            existing_engine(dir.path()),
+            None,
+            "another engine: refused by the opener"
+        );
+        let redb_only = tempfile::tempdir().unwrap();
+        std::fs::write(redb_only.path().join(self::redb::DATABASE_FILE), b"").unwrap();
+        assert_eq!(existing_engine(redb_only.path()), Some(Engine::Redb));
+    }
 }

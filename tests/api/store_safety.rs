@@ -398,3 +398,47 @@ async fn a_failed_store_fails_healthz_and_sigterm_still_exits_0() {
 {output}"
     );
 }
+
+/// `CTWA_STORE_ENGINE=auto` (the default): a new data directory gets redb; a directory that
+/// holds a sled store keeps being opened with sled, with its data.
+#[tokio::test]
+async fn the_default_engine_is_redb_for_a_new_directory_and_sled_for_a_sled_store() {
+    use ctwa_relay::settings::StoreEngine;
+
+    let mut new_dir = None;
+    let app = crate::helpers::spawn_app_with(|settings| {
+        settings.store_engine = StoreEngine::Auto;
+        new_dir = Some(settings.data_dir.clone());
+    })
+    .await;
+    app.register_account("acc_auto", crate::helpers::SAMPLE_PHONE_NUMBER_ID)
+        .await;
+    let marker = std::fs::read_to_string(new_dir.unwrap().join("ctwa-store.json")).unwrap();
+    assert!(marker.contains("\"engine\":\"redb-"), "{marker}");
+
+    let sled_dir = tempfile::tempdir().unwrap();
+    drop(ctwa_relay::store::SledStore::open(sled_dir.path()).unwrap());
+    // sled releases its file lock from a background thread after the drop.
+    let mut opened = None;
+    for _ in 0..100 {
+        let path = sled_dir.path().to_path_buf();
+        let graph = wiremock::MockServer::builder().start().await;
+        let mut settings = crate::helpers::test_settings(&path, &graph.uri());
+        settings.store_engine = StoreEngine::Auto;
+        match ctwa_relay::startup::Application::build(settings).await {
+            Ok(application) => {
+                opened = Some(application);
+                break;
+            }
+            Err(error) if format!("{error:#}").contains("lock") => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("{error:#}"),
+        }
+    }
+    let application = opened.expect("the sled store opens once sled releases its lock");
+    drop(application);
+    let marker = std::fs::read_to_string(sled_dir.path().join("ctwa-store.json")).unwrap();
+    assert!(marker.contains("\"engine\":\"sled-"), "{marker}");
+    assert!(!sled_dir.path().join("ctwa.redb").exists());
+}
