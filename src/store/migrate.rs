@@ -97,7 +97,22 @@ pub fn sled_to_redb(from: &Path, to: &Path) -> Result<MigrationReport, StoreErro
     check_source(from)?;
     check_target(to)?;
     // The server's own open: refuses a damaged, foreign or locked store, loads its records.
-    let source = SledStore::open(from)?;
+    let source = SledStore::open(from).map_err(|error| match error {
+        StoreError::Sled(sled::Error::Io(error))
+            // sled reports its file lock as an `Other` error with this text.
+            if error.to_string().contains("could not acquire lock") =>
+        {
+            StoreError::Io {
+                context: format!(
+                    "--from {} is open in another process (a running ctwa-relay?); stop it, \
+                     then run migrate-store again",
+                    from.display()
+                ),
+                error,
+            }
+        }
+        error => error,
+    })?;
     let sled_db = source.database();
     check_tree_names(&sled_db, from)?;
 
@@ -240,6 +255,18 @@ fn check_source(from: &Path) -> Result<(), StoreError> {
             ),
             std::io::ErrorKind::NotFound,
             "no such directory",
+        ));
+    }
+    let marker = std::fs::read_to_string(from.join(MARKER_FILE)).unwrap_or_default();
+    if marker.contains(&format!("\"engine\":\"{}\"", super::redb::ENGINE)) {
+        return Err(refused(
+            format!(
+                "--from {} is already a redb store: there is nothing to migrate; serve it with \
+                 CTWA_STORE_ENGINE=redb",
+                from.display()
+            ),
+            std::io::ErrorKind::InvalidInput,
+            "already redb",
         ));
     }
     if !from.join(MARKER_FILE).exists() && !from.join("conf").exists() {

@@ -204,6 +204,11 @@ async fn a_sled_store_is_carried_over_to_redb_and_served_whole() {
     // The server holds sled's lock: the migration refuses to copy a store in use.
     let locked = migrate(sled_dir.path(), &redb_dir);
     assert!(!locked.status.success(), "{}", text(&locked));
+    assert!(
+        text(&locked).contains("is open in another process"),
+        "{}",
+        text(&locked)
+    );
     assert!(!redb_dir.join("ctwa-store.json").exists());
     std::fs::remove_dir_all(&redb_dir).ok();
 
@@ -305,6 +310,21 @@ fn a_non_empty_target_and_a_missing_source_are_refused() {
     assert!(!refused.status.success(), "{printed}");
     assert!(printed.contains("is not a directory"), "{printed}");
     assert!(!missing.exists() && !new_target.exists());
+
+    // A redb store is not migrated again.
+    let refused = migrate(&target.path().join("redb-source"), &new_target);
+    assert!(!refused.status.success());
+    std::fs::create_dir(target.path().join("redb-source")).unwrap();
+    std::fs::write(
+        target.path().join("redb-source").join("ctwa-store.json"),
+        "{\"engine\":\"redb-3\",\"layoutVersion\":1}",
+    )
+    .unwrap();
+    let refused = migrate(&target.path().join("redb-source"), &new_target);
+    let printed = text(&refused);
+    assert!(!refused.status.success(), "{printed}");
+    assert!(printed.contains("already a redb store"), "{printed}");
+    assert!(!new_target.exists());
 
     // An empty directory holds no store: nothing is created in it.
     let empty = tempfile::tempdir().unwrap();
