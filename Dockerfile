@@ -6,8 +6,9 @@ FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 # Dependencies first, so that source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src/bin && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo build --release --locked \
+RUN mkdir -p src/bin/ctwa-bench && touch src/lib.rs \
+    && echo 'fn main() {}' | tee src/main.rs src/bin/ctwa-bench/main.rs >/dev/null \
+    && cargo build --release --locked --bin ctwa-relay \
     && rm -rf src
 COPY src ./src
 # Make sure cargo sees the real sources as newer than the placeholder build.
