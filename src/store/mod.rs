@@ -18,6 +18,7 @@
 //!   read-modify-write never interleaves with another.
 //! - **Never on the executor.** Blocking engine calls run off the async executor.
 
+pub(crate) mod layout;
 pub mod migrate;
 pub mod redb;
 pub mod sled;

@@ -13,26 +13,10 @@ use async_trait::async_trait;
 use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
 
 use super::unit::{TableName, Tx};
-use super::{be_i64, decode, encode, key, prefix, table, Store, StoreError};
+use super::{be_i64, decode, encode, prefix, table, Store, StoreError};
 use crate::domain::conversion_record::{Begin, ConversionRecord, ConversionStatus};
+use crate::store::layout::{index_key, outbox_key, record_key};
 use crate::store::ConversionStore;
-
-fn record_key(record: &ConversionRecord) -> Vec<u8> {
-    key(&[record.account_id(), record.event_name(), record.event_id()])
-}
-
-fn index_key(first: &str, created_at_ms: i64, record_key: &[u8]) -> Vec<u8> {
-    let mut index_key = prefix(&[first]);
-    index_key.extend_from_slice(&created_at_ms.to_be_bytes());
-    index_key.extend_from_slice(record_key);
-    index_key
-}
-
-fn outbox_key(next_attempt_at_ms: i64, record_key: &[u8]) -> Vec<u8> {
-    let mut outbox_key = next_attempt_at_ms.to_be_bytes().to_vec();
-    outbox_key.extend_from_slice(record_key);
-    outbox_key
-}
 
 /// Writes a record and keeps the indexes and the outbox in step with it. `previous` is the
 /// record stored under the same key before.

@@ -30,6 +30,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
+pub(crate) use super::layout::{decode, encode, key, prefix};
 use super::{StoreError, StoreHealth};
 use crate::domain::account::{Account, ApiKey};
 pub(crate) use unit::TableName;
@@ -381,33 +382,6 @@ fn scan_prefix(
     Ok(entries)
 }
 
-/// Joins key parts with a NUL byte; parts are ids that never contain one.
-pub(crate) fn key(parts: &[&str]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
-    for (index, part) in parts.iter().enumerate() {
-        if index > 0 {
-            out.push(0);
-        }
-        out.extend_from_slice(part.as_bytes());
-    }
-    out
-}
-
-/// The prefix of every key whose first parts are `parts`.
-pub(crate) fn prefix(parts: &[&str]) -> Vec<u8> {
-    let mut out = key(parts);
-    out.push(0);
-    out
-}
-
-pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    Ok(serde_json::to_vec(value)?)
-}
-
-pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
-    Ok(serde_json::from_slice(bytes)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,11 +565,5 @@ mod tests {
         let _ = store.noted::<()>(Err(StoreError::Conflict("taken".into())));
         store.check_alive().await.unwrap();
         assert_eq!(store.failure(), None);
-    }
-
-    #[test]
-    fn keys_join_parts_with_nul() {
-        assert_eq!(key(&["a", "b"]), b"a\0b".to_vec());
-        assert_eq!(prefix(&["a"]), b"a\0".to_vec());
     }
 }

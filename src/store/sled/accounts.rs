@@ -5,71 +5,12 @@
 //! change never interleave and a crash keeps all of a change or none of it.
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 
 use super::unit::TreeName;
 use super::{decode, encode, Caches, Store, StoreError, Trees};
-use crate::domain::account::{Account, AccountMetadata, ApiKey};
-use crate::secret::Secret;
+use crate::domain::account::{Account, ApiKey};
+use crate::store::layout::{decode_account, encode_account, RetiredAccount};
 use crate::store::{AccountDeletion, AccountStore};
-
-/// An account as the `accounts` tree holds it: JSON with the field names and order of the first
-/// layout, the access token in plain text. This is the one place that writes a token out;
-/// `Account` itself has no `Serialize`, so a token cannot leak through a log line or a response.
-#[derive(Serialize, Deserialize)]
-struct AccountRecord {
-    id: String,
-    name: Option<String>,
-    phone_number_id: String,
-    waba_id: String,
-    display_phone_number: Option<String>,
-    access_token: String,
-    metadata: AccountMetadata,
-    #[serde(default)]
-    forward_automatic_events: bool,
-    created_at: i64,
-    updated_at: i64,
-}
-
-fn encode_account(account: &Account) -> Result<Vec<u8>, StoreError> {
-    encode(&AccountRecord {
-        id: account.id.clone(),
-        name: account.name.clone(),
-        phone_number_id: account.phone_number_id.clone(),
-        waba_id: account.waba_id.clone(),
-        display_phone_number: account.display_phone_number.clone(),
-        access_token: account.access_token.expose().to_string(),
-        metadata: account.metadata.clone(),
-        forward_automatic_events: account.forward_automatic_events,
-        created_at: account.created_at,
-        updated_at: account.updated_at,
-    })
-}
-
-fn decode_account(bytes: &[u8]) -> Result<Account, StoreError> {
-    let record: AccountRecord = decode(bytes)?;
-    Ok(Account {
-        id: record.id,
-        name: record.name,
-        phone_number_id: record.phone_number_id,
-        waba_id: record.waba_id,
-        display_phone_number: record.display_phone_number,
-        access_token: Secret::new(record.access_token),
-        metadata: record.metadata,
-        forward_automatic_events: record.forward_automatic_events,
-        created_at: record.created_at,
-        updated_at: record.updated_at,
-    })
-}
-
-/// The tombstone of a deleted account: its id is never given to a new account, because the
-/// deleted account's conversations and conversions stay in the store under that id.
-#[derive(Debug, Serialize)]
-struct RetiredAccount {
-    id: String,
-    phone_number_id: String,
-    deleted_at: i64,
-}
 
 pub(super) fn load_caches(trees: &Trees) -> Result<Caches, StoreError> {
     let mut caches = Caches::default();
