@@ -1,8 +1,17 @@
 //! Identifiers: generated ones and the rule for ones a caller chooses.
 
-/// A new random identifier such as `conv_1f0c…`, 96 bits of randomness.
+/// A new identifier such as `conv_019a1f0c…`: the creation time in milliseconds (48 bits), then
+/// 80 random bits, in hex. Ids made later sort later, so a store inserts new conversations at
+/// the end of its key order instead of at random places (a B-tree then rewrites one page per
+/// batch of new conversations, not one per conversation); the random part keeps them unique
+/// and unguessable.
 pub fn generate(prefix: &str) -> String {
-    let bytes: [u8; 12] = rand::random();
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64);
+    let mut bytes = [0u8; 16];
+    bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
+    bytes[6..].copy_from_slice(&rand::random::<[u8; 10]>());
     format!("{prefix}_{}", hex::encode(bytes))
 }
 
@@ -32,6 +41,15 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.starts_with("acc_"));
         assert!(is_valid_caller_id(&a));
+        assert_eq!(a.len(), "acc_".len() + 32);
+    }
+
+    #[test]
+    fn generated_ids_sort_by_creation_time() {
+        let earlier = generate("conv");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let later = generate("conv");
+        assert!(earlier < later, "{earlier} then {later}");
     }
 
     #[test]

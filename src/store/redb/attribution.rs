@@ -117,12 +117,11 @@ impl AttributionStore for Store {
     }
 
     async fn conversation(&self, id: String) -> Result<Option<Conversation>, StoreError> {
-        self.read(move |read| {
+        self.read_now(move |read| {
             let conversations = read.open_table(table(TableName::Conversations))?;
             let found = conversations.get(id.as_bytes())?;
             found.map(|bytes| decode(bytes.value())).transpose()
         })
-        .await
     }
 
     async fn user(
@@ -130,12 +129,11 @@ impl AttributionStore for Store {
         account_id: String,
         user_key: String,
     ) -> Result<Option<UserRecord>, StoreError> {
-        self.read(move |read| {
+        self.read_now(move |read| {
             let users = read.open_table(table(TableName::Users))?;
             let found = users.get(key(&[&account_id, &user_key]).as_slice())?;
             found.map(|bytes| decode(bytes.value())).transpose()
         })
-        .await
     }
 
     async fn users_with_conversations(
@@ -144,7 +142,7 @@ impl AttributionStore for Store {
         bsuid: Option<String>,
         visible: AccountFilter,
     ) -> Result<Vec<(UserRecord, Vec<Conversation>)>, StoreError> {
-        self.read(move |read| {
+        self.read_now(move |read| {
             let mut user_keys: Vec<(String, String)> = Vec::new();
             let indexes = [
                 (TableName::PhoneIndex, phone),
@@ -178,7 +176,6 @@ impl AttributionStore for Store {
             }
             Ok(results)
         })
-        .await
     }
 
     async fn phone_conversations(
@@ -186,7 +183,7 @@ impl AttributionStore for Store {
         account_id: String,
         phone: String,
     ) -> Result<Option<Vec<Conversation>>, StoreError> {
-        self.read(move |read| {
+        self.read_now(move |read| {
             let phone_index = read.open_table(table(TableName::PhoneIndex))?;
             let Some(user_key) = phone_index.get(key(&[&phone, &account_id]).as_slice())? else {
                 return Ok(None);
@@ -199,7 +196,6 @@ impl AttributionStore for Store {
             let user: UserRecord = decode(bytes.value())?;
             load_conversations(read, user.conversation_ids()).map(Some)
         })
-        .await
     }
 }
 
@@ -414,7 +410,7 @@ impl AttributionUnit for RedbUnit<'_, '_> {
 
 #[cfg(test)]
 mod tests {
-    use redb::{ReadableDatabase, ReadableTableMetadata};
+    use redb::ReadableTableMetadata;
 
     use super::*;
 

@@ -202,8 +202,9 @@ impl ConversionStore for Store {
         account_id: String,
         limit: usize,
     ) -> Result<Vec<ConversionRecord>, StoreError> {
-        self.read(move |read| newest_first(read, TableName::ConversionHistory, &account_id, limit))
-            .await
+        self.read_now(move |read| {
+            newest_first(read, TableName::ConversionHistory, &account_id, limit)
+        })
     }
 
     async fn conversions_of_conversation(
@@ -211,7 +212,7 @@ impl ConversionStore for Store {
         conversation_id: String,
         limit: usize,
     ) -> Result<Vec<ConversionRecord>, StoreError> {
-        self.read(move |read| {
+        self.read_now(move |read| {
             newest_first(
                 read,
                 TableName::ConversionByConversation,
@@ -219,7 +220,6 @@ impl ConversionStore for Store {
                 limit,
             )
         })
-        .await
     }
 }
 

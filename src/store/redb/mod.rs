@@ -192,6 +192,24 @@ impl RedbStore {
         self.noted(outcome)
     }
 
+    /// Runs a short read (a few point lookups, or a page of at most a few hundred entries) in
+    /// one read transaction on the caller's own thread. Handing a read this small to the
+    /// blocking pool cost more than the read: two thread switches per lookup were most of its
+    /// CPU (BENCHMARKS.md). A read never waits for the writer (redb's readers see the last
+    /// commit); a page missing from redb's cache is one disk read on this thread.
+    fn read_now<T>(
+        &self,
+        work: impl FnOnce(&ReadTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let outcome = self
+            .inner
+            .db
+            .begin_read()
+            .map_err(StoreError::from)
+            .and_then(|read| work(&read));
+        self.noted(outcome)
+    }
+
     /// Runs `work` as one unit in the writer's next batch; returns once the batch is committed
     /// and durable. When `work` fails its writes are undone and the error is returned.
     async fn unit<T, F>(&self, work: F) -> Result<T, StoreError>
