@@ -7,6 +7,11 @@ use ctwa_relay::settings::Settings;
 use ctwa_relay::startup::Application;
 use ctwa_relay::telemetry;
 
+/// mimalloc instead of glibc's malloc: in a profile of `ingest-batch`, glibc's malloc and free
+/// were ~30 % of the store writer's CPU (BENCHMARKS.md), and its arenas kept freed memory.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A fatal error is printed once, with its causes on one line and no backtrace, and the process
 /// exits 1.
 #[tokio::main]
