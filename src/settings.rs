@@ -90,9 +90,12 @@ pub struct Settings {
     /// Journaled webhook bodies older than this are deleted (bodies still held for an unknown
     /// number are kept); `None` keeps them forever.
     pub journal_retention_days: Option<u32>,
-    /// The store refuses to open when the data dir's file system has less free space than this
-    /// (MiB): sled writes a snapshot while it opens, and a partial one leaves it unopenable.
-    /// 0 turns the check off.
+    /// The free space (MiB) the data dir's file system should keep; 0 turns the check off.
+    /// sled refuses to open below it: it writes a snapshot while it opens, and a partial one
+    /// leaves it unopenable. redb opens anyway (it opens a cleanly closed store, or one whose
+    /// last commit saved its allocator state, without allocating space), logs a warning, serves
+    /// reads, and `/readyz` answers 503 while the free space stays below it; writes that do not
+    /// fit fail with 503 and are never acknowledged.
     pub min_free_mb: u64,
     /// The engine that opens the store in `data_dir`; each refuses the other's store.
     pub store_engine: StoreEngine,

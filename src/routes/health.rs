@@ -42,8 +42,14 @@ pub async fn readyz(store: web::Data<Store>) -> Result<HttpResponse, ApiError> {
         Ok(()) => Ok(HttpResponse::Ok().json(StatusBody { status: "ready" })),
         Err(error) => {
             crate::error::log_store_failure(&error, "readiness check failed");
-            Err(ApiError::new(Code::StoreUnavailable)
-                .message("the store cannot write, flush and read back"))
+            let message = match error {
+                crate::store::StoreError::LowFreeSpace { .. } => {
+                    "the disk holding the store has less free space than CTWA_MIN_FREE_MB; \
+                     writes that do not fit fail (the figures are in the server log)"
+                }
+                _ => "the store cannot write, flush and read back",
+            };
+            Err(ApiError::new(Code::StoreUnavailable).message(message))
         }
     }
 }

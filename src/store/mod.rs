@@ -117,8 +117,17 @@ pub enum StoreError {
     ForeignStore { path: String, marker: String },
     #[error("{path} holds files that are not a ctwa-relay store ({entries}); point CTWA_DATA_DIR at an empty or new directory, or at an existing store")]
     NotAStore { path: String, entries: String },
-    #[error("only {free_mib:.2} MiB is free on the file system of {path}, below CTWA_MIN_FREE_MB ({min_free_mb} MiB): the store writes while it opens (sled a snapshot, redb its repair), and a write cut short by a full disk can leave it unopenable; free some space or grow the disk, then start again")]
+    /// sled's refusal to open: it writes a snapshot while it opens.
+    #[error("only {free_mib:.2} MiB is free on the file system of {path}, below CTWA_MIN_FREE_MB ({min_free_mb} MiB): sled writes a snapshot while it opens, and one cut short by a full disk can leave the store unopenable; free some space or grow the disk, then start again")]
     LowDiskSpace {
+        path: String,
+        free_mib: f64,
+        min_free_mb: u64,
+    },
+    /// redb below `CTWA_MIN_FREE_MB`: it opens and serves reads, and readiness fails on this.
+    /// Not a store failure.
+    #[error("only {free_mib:.2} MiB is free on the file system of {path}, below CTWA_MIN_FREE_MB ({min_free_mb} MiB): writes that do not fit fail and nothing is acknowledged that is not durable; reads still work; free some space or grow the disk")]
+    LowFreeSpace {
         path: String,
         free_mib: f64,
         min_free_mb: u64,

@@ -14,6 +14,13 @@
 //! Reads run in their own read transactions on the blocking pool, in parallel with the writer.
 //! Accounts and API keys are also held in memory, updated on the writer thread right after the
 //! commit that changed them and before anyone is answered.
+//!
+//! After an I/O error (a full disk, most often) redb refuses every later operation on that
+//! `Database` (`PreviousIo`). The writer then closes it and opens the file again in the process
+//! (see [`unit::run_writer`]): the reopened database holds exactly what was committed, so the
+//! store works again as soon as the disk takes writes, without a restart. A nearly full disk does
+//! not stop the store opening: it serves reads, and `/readyz` says the disk is low
+//! (`CTWA_MIN_FREE_MB`).
 
 mod accounts;
 mod attribution;
@@ -22,7 +29,7 @@ mod open;
 mod unit;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -99,12 +106,89 @@ struct Ran {
 type WriteJob = Box<dyn FnOnce(Result<&mut Tx<'_>, String>) -> Ran + Send>;
 
 struct Inner {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     caches: Arc<RwLock<Caches>>,
     jobs: Option<std::sync::mpsc::Sender<WriteJob>>,
     writer: Option<std::thread::JoinHandle<()>>,
-    /// The last write or commit failure, kept until a readiness probe succeeds.
-    failure: Mutex<Option<String>>,
+    /// The last write or commit failure, kept until a probe (or, after the writer opened the
+    /// database again, a durable commit) succeeds.
+    failure: Arc<Mutex<Option<String>>>,
+    /// The data dir, whose free space `/readyz` checks.
+    path: PathBuf,
+    /// `CTWA_MIN_FREE_MB` in bytes: below it `/readyz` answers 503 (0: never).
+    min_free_bytes: u64,
+}
+
+/// The open database, shared by the readers and the writer, which closes it after an I/O error
+/// and puts the one it opened again in its place.
+pub(crate) struct DbSlot {
+    current: RwLock<Option<Arc<Database>>>,
+    /// Why no database is open, while none is.
+    closed: Mutex<Option<Closed>>,
+}
+
+#[derive(Clone)]
+struct Closed {
+    why: String,
+    /// Opening it again failed for a reason other than a lack of space: the process cannot
+    /// recover by itself, and `/healthz` fails.
+    stuck: bool,
+}
+
+impl DbSlot {
+    fn new(db: Arc<Database>) -> Self {
+        Self {
+            current: RwLock::new(Some(db)),
+            closed: Mutex::new(None),
+        }
+    }
+
+    /// A read transaction on the open database; redb's `DatabaseClosed` while the writer is
+    /// opening it again after an I/O error (the writer logs why).
+    pub(crate) fn begin_read(&self) -> Result<ReadTransaction, redb::TransactionError> {
+        let db = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Arc::clone);
+        match db {
+            Some(db) => db.begin_read(),
+            None => Err(redb::TransactionError::Storage(
+                redb::StorageError::DatabaseClosed,
+            )),
+        }
+    }
+
+    /// Takes the database out, so that it closes once the last reader lets go of it.
+    fn close(&self, why: String) -> Option<Arc<Database>> {
+        *self.closed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Closed { why, stuck: false });
+        self.current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Opening it again failed; `stuck` when not for a lack of space.
+    fn reopen_failed(&self, why: String, stuck: bool) {
+        *self.closed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Closed { why, stuck });
+    }
+
+    /// Puts the reopened database in place.
+    fn publish(&self, db: Arc<Database>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(db);
+        *self.closed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Why the process cannot recover the database by itself, if it cannot.
+    fn stuck(&self) -> Option<String> {
+        self.closed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|closed| closed.stuck)
+            .map(|closed| closed.why.clone())
+    }
 }
 
 impl Drop for Inner {
@@ -136,8 +220,10 @@ impl RedbStore {
     }
 
     /// Opens (or creates) the store in `path`, first refusing a directory that holds another
-    /// engine's store, unrelated files, a store whose data is missing, or a file system with
-    /// less than `min_free_bytes` available. Checks the layout version and loads the caches.
+    /// engine's store, unrelated files, or a store whose data is missing. Checks the layout
+    /// version and loads the caches. A file system with less than `min_free_bytes` available
+    /// does not stop it: it logs a warning, and [`StoreHealth::check_ready`] fails while the
+    /// free space stays below it (redb opens a cleanly closed store without allocating space).
     pub fn open_with_free_space(path: &Path, min_free_bytes: u64) -> Result<Self, StoreError> {
         Self::open_with(path, min_free_bytes, super::DEFAULT_CACHE_BYTES)
     }
@@ -150,30 +236,47 @@ impl RedbStore {
         cache_bytes: u64,
     ) -> Result<Self, StoreError> {
         let db = Arc::new(open::open_checked(path, min_free_bytes, cache_bytes)?);
-        let read = db.begin_read()?;
-        let caches = accounts::load_caches(&read)?;
-        let next_seq = match read.open_table(table(TableName::Meta))?.get(NEXT_SEQ_KEY)? {
-            Some(bytes) => be_u64(bytes.value(), "the journal's next sequence number")?,
-            None => 0,
-        };
-        drop(read);
+        let (caches, next_seq) = load_state(&db)?;
         let caches = Arc::new(RwLock::new(caches));
+        let slot = Arc::new(DbSlot::new(Arc::clone(&db)));
+        let failure = Arc::new(Mutex::new(None));
+        // How the writer opens the database again after an I/O error: the caches and the
+        // journal's next sequence number are read again from what was committed.
+        let reopen: unit::Reopen = {
+            let path = path.to_path_buf();
+            let caches = Arc::clone(&caches);
+            Box::new(move || {
+                let db = open::reopen(&path, cache_bytes)?;
+                let (loaded, next_seq) = load_state(&db)?;
+                *caches.write().unwrap_or_else(|p| p.into_inner()) = loaded;
+                Ok((Arc::new(db), next_seq))
+            })
+        };
+        let writer_state = unit::Writer::new(
+            path.to_path_buf(),
+            db,
+            Arc::clone(&slot),
+            next_seq,
+            reopen,
+            Arc::clone(&failure),
+        );
         let (jobs, incoming) = std::sync::mpsc::channel::<WriteJob>();
-        let writer_db = Arc::clone(&db);
         let writer = std::thread::Builder::new()
             .name("ctwa-writer".into())
-            .spawn(move || unit::run_writer(&writer_db, next_seq, incoming))
+            .spawn(move || unit::run_writer(writer_state, incoming))
             .map_err(|error| StoreError::Io {
                 context: "cannot start the store's writer thread".into(),
                 error,
             })?;
         Ok(Self {
             inner: Arc::new(Inner {
-                db,
+                db: slot,
                 caches,
                 jobs: Some(jobs),
                 writer: Some(writer),
-                failure: Mutex::new(None),
+                failure,
+                path: path.to_path_buf(),
+                min_free_bytes,
             }),
         })
     }
@@ -280,6 +383,41 @@ impl RedbStore {
         self.noted(outcome)
     }
 
+    /// A write, a durable commit and a read back.
+    async fn probe(&self) -> Result<(), StoreError> {
+        let stamp = chrono::Utc::now().timestamp_millis().to_be_bytes();
+        self.unit(move |tx| tx.insert(TableName::Meta, b"readyz", stamp))
+            .await?;
+        let read = self
+            .read(|read| {
+                let meta = read.open_table(table(TableName::Meta))?;
+                Ok(meta.get(b"readyz".as_slice())?.map(|v| v.value().to_vec()))
+            })
+            .await?;
+        match read {
+            Some(value) if value == stamp => Ok(()),
+            _ => Err(StoreError::Corrupt(
+                "the readiness probe did not read back its own write".into(),
+            )),
+        }
+    }
+
+    /// True when `error` (from a probe) is the disk refusing writes, which the writer recovers
+    /// from by itself once the disk takes them again.
+    fn recovers_by_itself(&self, error: &StoreError) -> bool {
+        if self.inner.db.stuck().is_some() {
+            return false;
+        }
+        match error {
+            StoreError::Flush(_) | StoreError::Io { .. } => true,
+            StoreError::Redb(error) => matches!(
+                **error,
+                redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed
+            ),
+            _ => false,
+        }
+    }
+
     fn caches(&self) -> std::sync::RwLockReadGuard<'_, Caches> {
         self.inner.caches.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -293,8 +431,9 @@ impl RedbStore {
                     let text = crate::error::error_chain(error);
                     tracing::error!(
                         error = %text,
-                        "the store failed; /healthz answers 503 until a write, commit and read \
-                         back succeed again"
+                        "the store failed; after an I/O error the writer opens the database \
+                         again, and /readyz answers 503 until a write, commit and read back \
+                         succeed again"
                     );
                     *failure = Some(text);
                 }
@@ -314,19 +453,31 @@ impl StoreHealth for RedbStore {
             .clone()
     }
 
-    /// Liveness: cheap while nothing has failed. After a write or commit failed, a fresh
-    /// readiness probe decides: success forgets the failure, another failure is returned.
+    /// Liveness: cheap while nothing has failed. After a failure, a fresh probe (a write, a
+    /// durable commit, a read back) decides: success forgets the failure. A probe that fails
+    /// because the disk refuses writes (full, or an I/O error) still answers alive: the writer
+    /// opens the database again by itself, so a restart would not help; `/readyz` fails
+    /// meanwhile. Not alive: the writer is gone or hangs, the read back is wrong, or the
+    /// database cannot be opened again for a reason other than a lack of space.
     async fn check_alive(&self) -> Result<(), StoreError> {
         if self.failure().is_none() {
             return Ok(());
         }
-        let probe = tokio::time::timeout(LIVENESS_PROBE_TIMEOUT, self.check_ready()).await;
+        let probe = tokio::time::timeout(LIVENESS_PROBE_TIMEOUT, self.probe()).await;
         match probe {
             Ok(Ok(())) => {
                 let mut failure = self.inner.failure.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(previous) = failure.take() {
                     tracing::info!(previous = %previous, "the store works again");
                 }
+                Ok(())
+            }
+            Ok(Err(error)) if self.recovers_by_itself(&error) => {
+                crate::error::log_store_failure(
+                    &error,
+                    "the store cannot write yet; it stays alive and retries by itself \
+                     (/readyz answers 503 meanwhile)",
+                );
                 Ok(())
             }
             Ok(Err(error)) => Err(error),
@@ -337,23 +488,11 @@ impl StoreHealth for RedbStore {
         }
     }
 
-    /// Readiness: a write, a durable commit and a read back.
+    /// Readiness: the data dir's file system has at least `CTWA_MIN_FREE_MB` free, and a
+    /// write, a durable commit and a read back succeed.
     async fn check_ready(&self) -> Result<(), StoreError> {
-        let stamp = chrono::Utc::now().timestamp_millis().to_be_bytes();
-        self.unit(move |tx| tx.insert(TableName::Meta, b"readyz", stamp))
-            .await?;
-        let read = self
-            .read(|read| {
-                let meta = read.open_table(table(TableName::Meta))?;
-                Ok(meta.get(b"readyz".as_slice())?.map(|v| v.value().to_vec()))
-            })
-            .await?;
-        match read {
-            Some(value) if value == stamp => Ok(()),
-            _ => Err(StoreError::Corrupt(
-                "the readiness probe did not read back its own write".into(),
-            )),
-        }
+        open::check_free_space(&self.inner.path, self.inner.min_free_bytes)?;
+        self.probe().await
     }
 
     /// Nothing to flush: every unit was durable (committed with `Durability::Immediate`) before
@@ -365,6 +504,17 @@ impl StoreHealth for RedbStore {
             Some(failure) => Err(StoreError::Flush(failure)),
         }
     }
+}
+
+/// The accounts and API keys, and the journal's next sequence number, as committed.
+fn load_state(db: &Database) -> Result<(Caches, u64), StoreError> {
+    let read = db.begin_read()?;
+    let caches = accounts::load_caches(&read)?;
+    let next_seq = match read.open_table(table(TableName::Meta))?.get(NEXT_SEQ_KEY)? {
+        Some(bytes) => be_u64(bytes.value(), "the journal's next sequence number")?,
+        None => 0,
+    };
+    Ok((caches, next_seq))
 }
 
 /// The definition of one table: byte keys, byte values.

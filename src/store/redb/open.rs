@@ -1,5 +1,10 @@
 //! Opening the redb store safely: never start empty over existing data (SPEC §3), never open
-//! another engine's store, never start on a nearly full disk.
+//! another engine's store. A nearly full disk does not stop it opening (unlike sled, which
+//! writes a snapshot while it opens): redb opens a store closed cleanly, or one whose last commit
+//! saved its allocator state (quick repair, every commit here), by rewriting its header in place,
+//! which needs no new space. When opening does fail for lack of space (a full repair after an
+//! unclean stop writes), the error says so; the failed write changed nothing that was committed,
+//! so the store opens as it was once space is freed.
 //!
 //! The directory holds `ctwa.redb` and the marker `ctwa-store.json` (the same file the sled
 //! store writes, naming this engine). A new store is created, its tables and layout version
@@ -10,6 +15,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTableMetadata};
 
@@ -145,8 +151,9 @@ fn survey_before_open(path: &Path) -> Result<Survey, StoreError> {
     Ok(survey)
 }
 
-/// Refuses to open when the file system of `path` has less than `min_free_bytes` available.
-fn check_free_space(path: &Path, min_free_bytes: u64) -> Result<(), StoreError> {
+/// `Err(LowFreeSpace)` when the file system of `path` has less than `min_free_bytes` available
+/// (`CTWA_MIN_FREE_MB`; 0: never). Readiness fails on it; at start-up it is only a warning.
+pub(super) fn check_free_space(path: &Path, min_free_bytes: u64) -> Result<(), StoreError> {
     if min_free_bytes == 0 {
         return Ok(());
     }
@@ -160,15 +167,52 @@ fn check_free_space(path: &Path, min_free_bytes: u64) -> Result<(), StoreError> 
     if free_bytes >= min_free_bytes {
         return Ok(());
     }
-    Err(StoreError::LowDiskSpace {
+    Err(StoreError::LowFreeSpace {
         path: path.display().to_string(),
         free_mib: free_bytes as f64 / (1024.0 * 1024.0),
         min_free_mb: min_free_bytes / (1024 * 1024),
     })
 }
 
+/// True when `error` comes from the disk having no room: ENOSPC, EDQUOT, or EFBIG (a file-size
+/// limit).
+pub(super) fn for_lack_of_space(error: &StoreError) -> bool {
+    let io = match error {
+        StoreError::Io { error, .. } => error,
+        StoreError::Redb(error) => match &**error {
+            redb::Error::Io(error) => error,
+            _ => return false,
+        },
+        _ => return false,
+    };
+    matches!(
+        io.kind(),
+        std::io::ErrorKind::StorageFull
+            | std::io::ErrorKind::QuotaExceeded
+            | std::io::ErrorKind::FileTooLarge
+    )
+}
+
+/// The error for opening that failed for lack of space: what happened, that nothing was lost,
+/// and what to do.
+fn no_room_to_open(path: &Path, error: StoreError) -> StoreError {
+    let text = crate::error::error_chain(&error);
+    StoreError::Io {
+        context: format!(
+            "the store in {} could not be opened: the file system is full ({text}). redb writes \
+             while it opens (its header; after an unclean stop without saved allocator state, \
+             its repair), and that write failed. The write changed nothing that was committed: \
+             the store opens with all its data once there is space. Free some space or grow \
+             the disk, then start again",
+            path.display()
+        ),
+        error: std::io::Error::new(std::io::ErrorKind::StorageFull, text),
+    }
+}
+
 /// Opens redb in `path` after the checks above; creates the tables, layout version and marker
-/// of a new store, and checks the layout version of an existing one.
+/// of a new store, and checks the layout version of an existing one. Less free space than
+/// `min_free_bytes` is logged as a warning, not refused.
 pub(super) fn open_checked(
     path: &Path,
     min_free_bytes: u64,
@@ -179,7 +223,47 @@ pub(super) fn open_checked(
         error,
     })?;
     let survey = survey_before_open(path)?;
-    check_free_space(path, min_free_bytes)?;
+    if let Err(low) = check_free_space(path, min_free_bytes) {
+        tracing::warn!(
+            "{}; the store opens and serves reads, and /readyz answers 503 until there is more \
+             free space",
+            crate::error::error_chain(&low)
+        );
+    }
+    match open_surveyed(path, &survey, cache_bytes) {
+        Err(error) if for_lack_of_space(&error) => Err(no_room_to_open(path, error)),
+        other => other,
+    }
+}
+
+/// Opens the database again in the same process after an I/O error closed it (redb answers
+/// `PreviousIo` to everything after one). The old `Database` must be dropped first; a reader
+/// that still holds it for a moment keeps the file locked, so `DatabaseAlreadyOpen` is retried
+/// for up to a second.
+pub(super) fn reopen(path: &Path, cache_bytes: u64) -> Result<Database, StoreError> {
+    let file = path.join(DATABASE_FILE);
+    let mut builder = Database::builder();
+    builder.set_cache_size(usize::try_from(cache_bytes).unwrap_or(usize::MAX));
+    let mut attempts = 0;
+    loop {
+        match builder.open(&file) {
+            Ok(db) => return Ok(db),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if attempts < 100 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(error) => {
+                let error = StoreError::from(error);
+                return Err(match for_lack_of_space(&error) {
+                    true => no_room_to_open(path, error),
+                    false => error,
+                });
+            }
+        }
+    }
+}
+
+fn open_surveyed(path: &Path, survey: &Survey, cache_bytes: u64) -> Result<Database, StoreError> {
     let file = path.join(DATABASE_FILE);
     let mut builder = Database::builder();
     builder.set_cache_size(usize::try_from(cache_bytes).unwrap_or(usize::MAX));
@@ -485,17 +569,59 @@ mod tests {
         assert!(message.contains("already open"), "{message}");
     }
 
-    #[test]
-    fn free_space_below_the_floor_is_refused_with_the_figures() {
+    #[tokio::test]
+    async fn free_space_below_the_floor_opens_and_fails_readiness_with_the_figures() {
         let dir = tempfile::tempdir().unwrap();
         check_free_space(dir.path(), 1).unwrap();
-        let refusal = check_free_space(dir.path(), u64::MAX)
+        let low = check_free_space(dir.path(), u64::MAX)
             .unwrap_err()
             .to_string();
-        assert!(refusal.contains("CTWA_MIN_FREE_MB"), "{refusal}");
-        assert!(refusal.contains("free some space"), "{refusal}");
-        let opened = RedbStore::open_with_free_space(dir.path(), u64::MAX);
-        assert!(matches!(opened, Err(StoreError::LowDiskSpace { .. })));
-        assert!(!dir.path().join(DATABASE_FILE).exists());
+        assert!(low.contains("CTWA_MIN_FREE_MB"), "{low}");
+        assert!(low.contains("free some space"), "{low}");
+        store_with_a_record(dir.path()).await;
+        let store = RedbStore::open_with_free_space(dir.path(), u64::MAX).unwrap();
+        let user = store
+            .read(|read| {
+                let users = read.open_table(table(TableName::Users))?;
+                Ok(users.get(b"user".as_slice())?.is_some())
+            })
+            .await
+            .unwrap();
+        assert!(user, "the store opened with its data");
+        let unready = store.check_ready().await.unwrap_err();
+        assert!(
+            matches!(unready, StoreError::LowFreeSpace { .. }),
+            "{unready}"
+        );
+        assert!(!unready.is_store_failure(), "low space alone is no failure");
+        store.check_alive().await.unwrap();
+        assert_eq!(store.failure(), None);
+    }
+
+    #[test]
+    fn a_full_disk_is_told_apart_from_other_io_errors() {
+        let full = |kind| StoreError::Io {
+            context: "x".into(),
+            error: std::io::Error::from(kind),
+        };
+        assert!(for_lack_of_space(&full(std::io::ErrorKind::StorageFull)));
+        assert!(for_lack_of_space(&full(std::io::ErrorKind::QuotaExceeded)));
+        assert!(!for_lack_of_space(&full(
+            std::io::ErrorKind::PermissionDenied
+        )));
+        let redb_full = StoreError::from(redb::Error::Io(std::io::Error::from_raw_os_error(28)));
+        assert!(for_lack_of_space(&redb_full));
+        let message = crate::error::error_chain(&no_room_to_open(Path::new("/data"), redb_full));
+        assert!(
+            message.contains("could not be opened: the file system is full"),
+            "{message}"
+        );
+        assert!(
+            message.contains("changed nothing that was committed"),
+            "{message}"
+        );
+        assert!(message.contains("Free some space"), "{message}");
+        let eio = StoreError::from(redb::Error::Io(std::io::Error::from_raw_os_error(5)));
+        assert!(!for_lack_of_space(&eio));
     }
 }

@@ -10,12 +10,31 @@
 //!
 //! Commits are `Durability::Immediate` with quick repair, which is redb's two-phase commit (see
 //! [`begin`]).
+//!
+//! After an I/O error redb refuses every later operation on the `Database` (`PreviousIo`), so a
+//! full disk would stop the store for good. The writer notices (a batch failed and a new write
+//! transaction is refused), closes the database and opens the file again ([`Writer::reopen`]),
+//! between batches: the reopened database holds exactly the commits that succeeded, every unit
+//! of the failed batch was answered with the failure, and no unit is answered OK before its
+//! batch's commit returned. Opening again needs no new space (the last commit saved the
+//! allocator state); when it fails all the same, the writer tries again every
+//! [`REOPEN_RETRY`] and answers units with the failure meanwhile.
+//!
+//! Every write that fails this way poisons the reopened database too, and until it is opened
+//! again a read that misses redb's cache fails. So after such a failure the writer does not try
+//! to write again for [`WRITE_RETRY`], unless the file system gained [`RETRY_FREE_MARGIN`] of
+//! free space meanwhile: units are answered with the failure without touching the database, and
+//! reads go on while the disk stays full.
 
-use std::sync::mpsc::Receiver;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
+use redb::{Database, Durability, ReadableTable, StorageError, Table, WriteTransaction};
 
-use super::{table, Bytes, Ran, StoreError, WriteJob, MAX_BATCH, NEXT_SEQ_KEY};
+use super::{table, Bytes, DbSlot, Ran, StoreError, WriteJob, MAX_BATCH, NEXT_SEQ_KEY};
+use crate::error::LogLimiter;
 
 /// The tables, one per sled tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -257,31 +276,272 @@ impl<'t> Tx<'t> {
     }
 }
 
-/// The writer thread's loop: one batch of every unit waiting, until the store is dropped.
-pub(super) fn run_writer(db: &Database, mut next_seq: u64, incoming: Receiver<WriteJob>) {
-    while let Ok(first) = incoming.recv() {
-        let mut jobs = vec![first];
-        jobs.extend(incoming.try_iter().take(MAX_BATCH - 1));
-        next_seq = run_batch(db, next_seq, jobs);
+/// How the writer opens the database again: the database and the journal's next sequence
+/// number as committed (the caches are reloaded with it).
+pub(super) type Reopen = Box<dyn FnMut() -> Result<(Arc<Database>, u64), StoreError> + Send>;
+
+/// How long the writer waits before it tries again to open a database it could not open.
+const REOPEN_RETRY: Duration = Duration::from_millis(200);
+
+/// After a write the disk refused, how long units are answered with that failure before a
+/// write is tried again…
+const WRITE_RETRY: Duration = Duration::from_secs(1);
+
+/// …unless the data dir's file system has this much more free space than at the failure.
+const RETRY_FREE_MARGIN: u64 = 1024 * 1024;
+
+/// The writer's lines about closing and reopening the database, once per interval each.
+static REOPEN_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+
+/// The writer thread's state.
+pub(super) struct Writer {
+    /// The data dir, whose free space decides when to write again after a refused write.
+    path: PathBuf,
+    slot: Arc<DbSlot>,
+    /// The open database; `None` after an I/O error closed it, until it opens again.
+    db: Option<Arc<Database>>,
+    next_seq: u64,
+    reopen: Reopen,
+    /// The store's remembered failure, forgotten at the first durable commit after a reopen.
+    failure: Arc<Mutex<Option<String>>>,
+    /// Why the database is closed, while it is.
+    closed: Option<String>,
+    /// After a failed attempt to open it again: no new attempt before this.
+    retry_after: Option<Instant>,
+    /// Opened again since the last failure, and no commit has succeeded since.
+    reopened: bool,
+    /// After a write the disk refused: no write before this moment unless the free space grew.
+    holding: Option<Holding>,
+}
+
+/// Why, and until when, the writer holds off writing after the disk refused a write.
+struct Holding {
+    why: String,
+    until: Instant,
+    /// The free space when the write failed (`None`: unknown).
+    free_bytes: Option<u64>,
+}
+
+/// The space available to this process on the file system of `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    rustix::fs::statvfs(path)
+        .ok()
+        .map(|stats| stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
+impl Writer {
+    pub(super) fn new(
+        path: PathBuf,
+        db: Arc<Database>,
+        slot: Arc<DbSlot>,
+        next_seq: u64,
+        reopen: Reopen,
+        failure: Arc<Mutex<Option<String>>>,
+    ) -> Self {
+        Self {
+            path,
+            slot,
+            db: Some(db),
+            next_seq,
+            reopen,
+            failure,
+            closed: None,
+            retry_after: None,
+            reopened: false,
+            holding: None,
+        }
+    }
+
+    /// Runs one batch on the open database; answers it with the failure when none is open.
+    fn run(&mut self, jobs: Vec<WriteJob>) {
+        let Some(db) = self.db.clone() else {
+            let failure = format!(
+                "the store's database was closed after a failed write and is not open again \
+                 yet: {}",
+                self.closed.as_deref().unwrap_or("no reason recorded")
+            );
+            answer_all(jobs, &failure);
+            return;
+        };
+        if let Some(holding) = &self.holding {
+            let grew = match (holding.free_bytes, free_bytes(&self.path)) {
+                (Some(then), Some(now)) => now > then.saturating_add(RETRY_FREE_MARGIN),
+                _ => false,
+            };
+            if Instant::now() < holding.until && !grew {
+                let failure = format!(
+                    "the disk refused the store's last write and has not gained space since; \
+                     the next write is tried within {} s: {}",
+                    WRITE_RETRY.as_secs(),
+                    holding.why
+                );
+                answer_all(jobs, &failure);
+                return;
+            }
+            self.holding = None;
+        }
+        let batch = run_batch(&db, self.next_seq, jobs);
+        self.next_seq = batch.next_seq;
+        if !batch.failed {
+            if self.reopened {
+                self.reopened = false;
+                let previous = self
+                    .failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                if let Some(previous) = previous {
+                    tracing::info!(
+                        previous = %previous,
+                        "the store works again: a batch committed durably after the database \
+                         was opened again"
+                    );
+                }
+            }
+            return;
+        }
+        if let Some(refused) = refuses_writes(&db) {
+            drop(db);
+            let why = batch.failure.unwrap_or(refused);
+            self.holding = Some(Holding {
+                why: why.clone(),
+                until: Instant::now() + WRITE_RETRY,
+                free_bytes: free_bytes(&self.path),
+            });
+            self.close(why);
+            self.reopen();
+        }
+    }
+
+    /// Closes the database after an I/O error: redb refuses everything after one.
+    fn close(&mut self, why: String) {
+        if let Some(suppressed) = REOPEN_LOG.admit("close", "", Instant::now()) {
+            tracing::error!(
+                error = %why,
+                suppressed,
+                "the store's database refused a write; closing it and opening it again \
+                 (logged once per 10 s; `suppressed` counts those left out)"
+            );
+        }
+        drop(self.slot.close(why.clone()));
+        drop(self.db.take());
+        self.closed = Some(why);
+    }
+
+    /// Opens the database again: at once after it was closed, then at most once per
+    /// [`REOPEN_RETRY`] while that fails.
+    fn reopen(&mut self) {
+        if self
+            .retry_after
+            .is_some_and(|retry_after| Instant::now() < retry_after)
+        {
+            return;
+        }
+        match (self.reopen)() {
+            Ok((db, next_seq)) => {
+                self.slot.publish(Arc::clone(&db));
+                self.db = Some(db);
+                self.next_seq = next_seq;
+                self.closed = None;
+                self.retry_after = None;
+                self.reopened = true;
+                if let Some(suppressed) = REOPEN_LOG.admit("reopened", "", Instant::now()) {
+                    tracing::info!(
+                        suppressed,
+                        "the store's database is open again after a failed write; it holds \
+                         every commit that succeeded (logged once per 10 s)"
+                    );
+                }
+            }
+            Err(error) => {
+                let space = super::open::for_lack_of_space(&error);
+                let text = crate::error::error_chain(&error);
+                crate::error::log_store_failure(
+                    &error,
+                    "the store's database could not be opened again; retrying",
+                );
+                self.slot.reopen_failed(text.clone(), !space);
+                self.closed = Some(text);
+                self.retry_after = Some(Instant::now() + REOPEN_RETRY);
+            }
+        }
     }
 }
 
-/// Runs the units in one transaction, commits it, answers them; returns the next sequence
-/// number.
-fn run_batch(db: &Database, next_seq: u64, jobs: Vec<WriteJob>) -> u64 {
+/// The writer thread's loop: one batch of every unit waiting, until the store is dropped. While
+/// the database is closed it tries to open it again every [`REOPEN_RETRY`], with or without
+/// units waiting, so that reads work again as soon as it can.
+pub(super) fn run_writer(mut writer: Writer, incoming: Receiver<WriteJob>) {
+    loop {
+        let first = match writer.db.is_some() {
+            true => match incoming.recv() {
+                Ok(job) => Some(job),
+                Err(_) => break,
+            },
+            false => match incoming.recv_timeout(REOPEN_RETRY) {
+                Ok(job) => Some(job),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+        };
+        if writer.db.is_none() {
+            writer.reopen();
+        }
+        let Some(first) = first else { continue };
+        let mut jobs = vec![first];
+        jobs.extend(incoming.try_iter().take(MAX_BATCH - 1));
+        writer.run(jobs);
+    }
+}
+
+/// Answers every unit with `failure`, running none.
+fn answer_all(jobs: Vec<WriteJob>, failure: &str) {
+    for job in jobs {
+        let ran = job(Err(failure.to_string()));
+        (ran.answer)(Err(failure.to_string()));
+    }
+}
+
+/// Why `db` refuses a new write transaction after an I/O error, if it does.
+fn refuses_writes(db: &Database) -> Option<String> {
+    match db.begin_write() {
+        Ok(txn) => {
+            let _ = txn.abort();
+            None
+        }
+        Err(redb::TransactionError::Storage(
+            error @ (StorageError::PreviousIo | StorageError::DatabaseClosed | StorageError::Io(_)),
+        )) => Some(error.to_string()),
+        Err(_) => None,
+    }
+}
+
+/// How a batch ended.
+struct Batch {
+    next_seq: u64,
+    /// A unit failed, or the batch did.
+    failed: bool,
+    /// The batch's own failure (no transaction, undo or commit failed).
+    failure: Option<String>,
+}
+
+/// Runs the units in one transaction, commits it, answers them.
+fn run_batch(db: &Database, next_seq: u64, jobs: Vec<WriteJob>) -> Batch {
     let txn = match begin(db) {
         Ok(txn) => txn,
         Err(error) => {
             let failure = crate::error::error_chain(&error);
-            for job in jobs {
-                let ran = job(Err(failure.clone()));
-                (ran.answer)(Err(failure.clone()));
-            }
-            return next_seq;
+            answer_all(jobs, &failure);
+            return Batch {
+                next_seq,
+                failed: true,
+                failure: Some(failure),
+            };
         }
     };
     let mut answers = Vec::with_capacity(jobs.len());
     let mut broken: Option<String> = None;
+    let mut unit_failed = false;
     let seq_after;
     {
         let mut tx = Tx::new(&txn, next_seq);
@@ -299,6 +559,7 @@ fn run_batch(db: &Database, next_seq: u64, jobs: Vec<WriteJob>) -> u64 {
                 Err(_) => false,
             };
             if !keep {
+                unit_failed = true;
                 if let Err(error) = tx.undo_to(mark) {
                     broken = Some(format!(
                         "undoing a failed unit failed, so its batch was not committed: {}",
@@ -340,7 +601,11 @@ fn run_batch(db: &Database, next_seq: u64, jobs: Vec<WriteJob>) -> u64 {
     for answer in answers {
         answer(outcome.clone());
     }
-    next
+    Batch {
+        next_seq: next,
+        failed: unit_failed || outcome.is_err(),
+        failure: outcome.err(),
+    }
 }
 
 fn begin(db: &Database) -> Result<WriteTransaction, StoreError> {
