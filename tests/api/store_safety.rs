@@ -1,6 +1,7 @@
 //! The real binary over a damaged, nearly full or failing store (SPEC §3): it never starts empty
-//! over existing data, says what to do in one clean message, makes `/healthz` fail while the
-//! store is failed so a supervisor restarts it, and still exits 0 on SIGTERM.
+//! over existing data, says what to do in one clean message, and still exits 0 on SIGTERM. On
+//! sled, `/healthz` fails while the store is failed so a supervisor restarts it; redb recovers
+//! in the process once the disk takes writes again, so `/healthz` stays 200 and `/readyz` fails.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -257,6 +258,12 @@ async fn a_directory_of_other_files_is_not_turned_into_a_store() {
 
 #[tokio::test]
 async fn too_little_free_space_is_refused_before_sled_writes_anything() {
+    if !runs_on(
+        "sled",
+        "redb opens below CTWA_MIN_FREE_MB and fails readiness instead (the next test)",
+    ) {
+        return;
+    }
     let data_dir = tempfile::tempdir().unwrap();
     let mut command = relay(data_dir.path());
     // 1 TiB: more than any test machine has free.
@@ -274,31 +281,22 @@ async fn too_little_free_space_is_refused_before_sled_writes_anything() {
     assert!(!data_dir.path().join("db").exists());
 }
 
-/// A signed webhook of about `size` bytes for a number without an account: journaled and held.
-fn large_webhook(index: usize, size: usize) -> Vec<u8> {
-    let mut body = messages_webhook(&[(&format!("wamid.FULL-{index:04}"), "15550001111", 1, None)]);
-    body["entry"][0]["changes"][0]["value"]["messages"][0]["text"]["body"] =
-        Value::String("x".repeat(size));
-    serde_json::to_vec(&body).unwrap()
-}
-
-/// A full disk, made without root: the file-size limit (`ulimit -f`, 512-byte blocks) stops
-/// sled's file growing, with SIGXFSZ ignored so that writes fail with EFBIG as on a full disk.
+/// redb opens a store without allocating space, so less free space than `CTWA_MIN_FREE_MB` does
+/// not stop it: it starts with a warning, serves reads, stays alive, and `/readyz` says why it is
+/// not ready.
 #[tokio::test]
-async fn a_failed_store_fails_healthz_and_sigterm_still_exits_0() {
-    let data_dir = tempfile::tempdir().unwrap();
-    let template = relay(data_dir.path());
-    let mut command = Command::new("sh");
-    command
-        .arg("-c")
-        .arg("trap '' XFSZ; ulimit -f 4096 && exec \"$0\" serve")
-        .arg(template.get_program());
-    for (key, value) in template.get_envs() {
-        match value {
-            Some(value) => command.env(key, value),
-            None => command.env_remove(key),
-        };
+async fn too_little_free_space_opens_redb_and_fails_readiness_with_the_reason() {
+    if !runs_on(
+        "redb",
+        "sled refuses to open below CTWA_MIN_FREE_MB (the test above)",
+    ) {
+        return;
     }
+    let data_dir = tempfile::tempdir().unwrap();
+    create_store(data_dir.path()).await;
+    let mut command = relay(data_dir.path());
+    // 1 TiB: more than any test machine has free.
+    command.env("CTWA_MIN_FREE_MB", "1048576");
     let mut relay = Relay::spawn(command);
     let address = relay.address().await;
     let client = reqwest::Client::new();
@@ -308,21 +306,95 @@ async fn a_failed_store_fails_healthz_and_sigterm_still_exits_0() {
         .await
         .unwrap();
     assert_eq!(healthz.status(), 200);
+    let readyz = client
+        .get(format!("{address}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(readyz.status(), 503);
+    let body: Value = readyz.json().await.unwrap();
+    assert_eq!(body["code"], "store_unavailable");
+    let reason = body["error"].as_str().unwrap();
+    assert!(
+        reason.contains("less free space than CTWA_MIN_FREE_MB"),
+        "{reason}"
+    );
+    // Writes go on while they fit: the disk is not full, only below the floor.
+    let body = large_webhook(1, 1024);
+    let webhook = client
+        .post(format!("{address}/webhooks/whatsapp"))
+        .header("Content-Type", "application/json")
+        .header("X-Hub-Signature-256", sign(&body))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(webhook.status(), 200);
+    relay.terminate();
+    let status = relay.wait_for_exit().await;
+    let output = relay.output();
+    assert!(status.success(), "{status:?}:\n{output}");
+    for text in [
+        "MiB is free on the file system of",
+        "CTWA_MIN_FREE_MB (1048576 MiB)",
+        "the store opens and serves reads",
+        "free some space or grow the disk",
+    ] {
+        assert!(output.contains(text), "{text:?} missing from:\n{output}");
+    }
+    assert!(!output.contains("Error: "), "{output}");
+}
 
-    // Fill the allowed size: every webhook is answered 200 until one cannot be made durable.
+/// A signed webhook of about `size` bytes for a number without an account: journaled and held.
+fn large_webhook(index: usize, size: usize) -> Vec<u8> {
+    let mut body = messages_webhook(&[(&format!("wamid.FULL-{index:04}"), "15550001111", 1, None)]);
+    body["entry"][0]["changes"][0]["value"]["messages"][0]["text"]["body"] =
+        Value::String("x".repeat(size));
+    serde_json::to_vec(&body).unwrap()
+}
+
+/// The binary under a file-size limit (`ulimit -f`, 512-byte blocks; `soft`: the soft limit only,
+/// so that the test can lift it), with SIGXFSZ ignored so that writes past it fail with EFBIG as
+/// on a full disk.
+fn relay_with_file_size_limit(data_dir: &Path, blocks: u64, soft: bool) -> Command {
+    let template = relay(data_dir);
+    let mut command = Command::new("sh");
+    let flag = if soft { "-S " } else { "" };
+    command
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; ulimit {flag}-f {blocks} && exec \"$0\" serve"
+        ))
+        .arg(template.get_program());
+    for (key, value) in template.get_envs() {
+        match value {
+            Some(value) => command.env(key, value),
+            None => command.env_remove(key),
+        };
+    }
+    command
+}
+
+async fn post_webhook(client: &reqwest::Client, address: &str, body: Vec<u8>) -> u16 {
+    client
+        .post(format!("{address}/webhooks/whatsapp"))
+        .header("Content-Type", "application/json")
+        .header("X-Hub-Signature-256", sign(&body))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Webhooks of ~64 KiB until one is refused; returns the answers. Every one is answered 200
+/// until one cannot be made durable.
+async fn fill_until_refused(client: &reqwest::Client, address: &str) -> Vec<u16> {
     let mut answers = Vec::new();
     for index in 0..400 {
-        let body = large_webhook(index, 64 * 1024);
-        let status = client
-            .post(format!("{address}/webhooks/whatsapp"))
-            .header("Content-Type", "application/json")
-            .header("X-Hub-Signature-256", sign(&body))
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-            .status();
-        answers.push(status.as_u16());
+        let status = post_webhook(client, address, large_webhook(index, 64 * 1024)).await;
+        answers.push(status);
         if status != 200 {
             break;
         }
@@ -332,18 +404,33 @@ async fn a_failed_store_fails_healthz_and_sigterm_still_exits_0() {
         Some(&503),
         "the store never failed: {answers:?}"
     );
+    answers
+}
+
+/// A full disk, made without root: the file-size limit stops sled's file growing.
+#[tokio::test]
+async fn a_failed_store_fails_healthz_and_sigterm_still_exits_0() {
+    if !runs_on(
+        "sled",
+        "redb recovers without a restart, so its /healthz stays 200 (the next test)",
+    ) {
+        return;
+    }
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut relay = Relay::spawn(relay_with_file_size_limit(data_dir.path(), 4096, false));
+    let address = relay.address().await;
+    let client = reqwest::Client::new();
+    let healthz = client
+        .get(format!("{address}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(healthz.status(), 200);
+
+    fill_until_refused(&client, &address).await;
     // Many more failures, then the log is checked for repetition.
     for index in 0..50 {
-        let body = large_webhook(1000 + index, 1024);
-        let status = client
-            .post(format!("{address}/webhooks/whatsapp"))
-            .header("Content-Type", "application/json")
-            .header("X-Hub-Signature-256", sign(&body))
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let status = post_webhook(&client, &address, large_webhook(1000 + index, 1024)).await;
         assert_eq!(status, 503);
     }
 
@@ -397,6 +484,92 @@ async fn a_failed_store_fails_healthz_and_sigterm_still_exits_0() {
         "{failed_requests} request-failed lines:
 {output}"
     );
+}
+
+/// The same full disk on redb: every write that cannot be made durable is refused (503, never a
+/// false 200) and `/healthz` stays 200; once the limit is lifted, the writer has opened the
+/// database again and webhooks are acknowledged without a restart; it opens again afterwards.
+#[tokio::test]
+async fn a_redb_store_that_cannot_grow_recovers_without_a_restart() {
+    if !runs_on("redb", "sled keeps an I/O error for good (the test above)") {
+        return;
+    }
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut relay = Relay::spawn(relay_with_file_size_limit(data_dir.path(), 8192, true));
+    let address = relay.address().await;
+    let client = reqwest::Client::new();
+    let get = |path: &str| client.get(format!("{address}{path}")).send();
+
+    fill_until_refused(&client, &address).await;
+    for index in 0..50 {
+        let status = post_webhook(&client, &address, large_webhook(1000 + index, 64 * 1024)).await;
+        assert_eq!(status, 503, "webhook {index} after the limit");
+    }
+    for _ in 0..3 {
+        let healthz = get("/healthz").await.unwrap();
+        assert_eq!(healthz.status(), 200, "alive: it recovers by itself");
+    }
+    // `/readyz` is not checked here: its probe writes a few bytes, which fit in the pages redb
+    // already has, and the file system is far above CTWA_MIN_FREE_MB (tests/disk fills a real
+    // one and checks it).
+
+    // Lift the limit: no restart.
+    let pid = rustix::process::Pid::from_raw(relay.child.id() as i32).unwrap();
+    rustix::process::prlimit(
+        Some(pid),
+        rustix::process::Resource::Fsize,
+        rustix::process::Rlimit {
+            current: None,
+            maximum: None,
+        },
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut recovered = 0;
+    let mut index = 2000;
+    while recovered < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "webhooks were not acknowledged again within 10 s of the limit lifted:\n{}",
+            relay.output()
+        );
+        index += 1;
+        if post_webhook(&client, &address, large_webhook(index, 64 * 1024)).await == 200 {
+            recovered += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+
+    relay.terminate();
+    let status = relay.wait_for_exit().await;
+    let output = relay.output();
+    assert!(
+        status.success(),
+        "SIGTERM exit status {status:?}:\n{output}"
+    );
+    assert!(!output.contains("panicked"), "{output}");
+    assert!(!output.contains("Error: "), "{output}");
+    assert!(
+        output.contains("open again after a failed write"),
+        "{output}"
+    );
+    assert!(output.contains("the store works again"), "{output}");
+    // Repeated failures are rate-limited: 51 refused webhooks, each closing and reopening the
+    // database, make a handful of lines.
+    let closes = output.matches("refused a write; closing it").count();
+    assert!((1..=3).contains(&closes), "{closes} close lines:\n{output}");
+
+    // It opens again after the fault (tests/disk checks every acknowledged webhook is kept).
+    drop(relay);
+    let mut restarted = Relay::spawn(self::relay(data_dir.path()));
+    let address = restarted.address().await;
+    let ready = reqwest::get(format!("{address}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    restarted.terminate();
+    assert!(restarted.wait_for_exit().await.success());
 }
 
 /// `CTWA_STORE_ENGINE=auto` (the default): a new data directory gets redb; a directory that
