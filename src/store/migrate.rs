@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use ::redb::{Database, ReadableDatabase, ReadableTableMetadata};
 
-use super::redb::{table, TableName, DATABASE_FILE, LAYOUT_KEY, LAYOUT_VERSION, NEXT_SEQ_KEY};
+use super::redb::{table, TableName, DATABASE_FILE, LAYOUT_KEY, NEXT_SEQ_KEY, SLED_LAYOUT_VERSION};
 use super::{RedbStore, SledStore, StoreError, MARKER_FILE};
 
 /// Entries copied per redb write transaction.
@@ -125,7 +125,7 @@ pub fn sled_to_redb(from: &Path, to: &Path) -> Result<MigrationReport, StoreErro
     let mut next_seq = 0u64;
     let mut tables = Vec::with_capacity(TableName::ALL.len());
     let mut samples = Vec::new();
-    for name in TableName::ALL {
+    for name in layout_1_tables() {
         let tree = sled_db.open_tree(name.as_str())?;
         let expected = tree.len() as u64;
         let sample_every = (expected as usize / SPOT_CHECKS).max(1);
@@ -173,8 +173,7 @@ pub fn sled_to_redb(from: &Path, to: &Path) -> Result<MigrationReport, StoreErro
     // Verify before the store gets its layout version: counts, then values.
     let read = db.begin_read()?;
     for count in &mut tables {
-        let name = TableName::ALL
-            .into_iter()
+        let name = layout_1_tables()
             .find(|name| name.as_str() == count.name)
             .expect("a table of the list");
         let held = read.open_table(table(name))?.len()?;
@@ -222,11 +221,12 @@ pub fn sled_to_redb(from: &Path, to: &Path) -> Result<MigrationReport, StoreErro
     }
     drop(read);
 
-    // The last commit makes it a store: the layout version and the journal's next number.
+    // The last commit makes it a store: the layout version and the journal's next number. It is
+    // sled's layout 1, as copied; redb's open below upgrades it to the current layout.
     let txn = db.begin_write()?;
     {
         let mut meta = txn.open_table(table(TableName::Meta))?;
-        meta.insert(LAYOUT_KEY, LAYOUT_VERSION.to_string().as_bytes())?;
+        meta.insert(LAYOUT_KEY, SLED_LAYOUT_VERSION.to_string().as_bytes())?;
         meta.insert(NEXT_SEQ_KEY, next_seq.to_be_bytes().as_slice())?;
     }
     txn.commit()?;
@@ -326,15 +326,18 @@ fn check_target(to: &Path) -> Result<(), StoreError> {
 }
 
 /// Refuses a sled store holding a tree redb has no table for: it would be left behind.
+/// The tables of layout 1: sled's trees, each copied into the redb table of the same name.
+fn layout_1_tables() -> impl Iterator<Item = TableName> {
+    TableName::ALL.into_iter().filter(|name| name.in_layout_1())
+}
+
 fn check_tree_names(db: &sled::Db, from: &Path) -> Result<(), StoreError> {
     let default = db.name();
     for name in db.tree_names() {
         if name == default {
             continue;
         }
-        let known = TableName::ALL
-            .iter()
-            .any(|table| table.as_str().as_bytes() == name.as_ref());
+        let known = layout_1_tables().any(|table| table.as_str().as_bytes() == name.as_ref());
         if !known {
             return Err(StoreError::Corrupt(format!(
                 "the sled store in {} holds a tree {:?} that this release does not know; \
@@ -355,13 +358,13 @@ fn check_tree_names(db: &sled::Db, from: &Path) -> Result<(), StoreError> {
 }
 
 fn check_layout(value: &[u8], from: &Path) -> Result<(), StoreError> {
-    if value == LAYOUT_VERSION.to_string().as_bytes() {
+    if value == SLED_LAYOUT_VERSION.to_string().as_bytes() {
         return Ok(());
     }
     Err(StoreError::LayoutVersion {
         path: from.display().to_string(),
         found: String::from_utf8_lossy(value).into_owned(),
-        expected: LAYOUT_VERSION,
+        expected: SLED_LAYOUT_VERSION,
     })
 }
 
@@ -430,7 +433,7 @@ mod tests {
         assert_eq!((count("users").sled, count("users").redb), (1, 1));
         // layout_version and readyz.
         assert_eq!((count("meta").sled, count("meta").redb), (2, 2));
-        assert_eq!(report.tables.len(), TableName::ALL.len());
+        assert_eq!(report.tables.len(), layout_1_tables().count());
         assert_eq!(report.journal_next_seq, 20_006 * 3 + 1);
         assert!(report.spot_checked >= SPOT_CHECKS + 2, "{report}");
         assert!(report.to_string().contains("counts match"));

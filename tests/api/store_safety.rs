@@ -346,10 +346,21 @@ async fn too_little_free_space_opens_redb_and_fails_readiness_with_the_reason() 
 }
 
 /// A signed webhook of about `size` bytes for a number without an account: journaled and held.
+/// A webhook of about `size` bytes whose text does not compress (the redb journal is stored
+/// compressed), so that it fills the disk by its size.
 fn large_webhook(index: usize, size: usize) -> Vec<u8> {
     let mut body = messages_webhook(&[(&format!("wamid.FULL-{index:04}"), "15550001111", 1, None)]);
-    body["entry"][0]["changes"][0]["value"]["messages"][0]["text"]["body"] =
-        Value::String("x".repeat(size));
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ index as u64;
+    let text: String = (0..size)
+        .map(|_| {
+            // xorshift64: a different, incompressible text per webhook.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(b'a' + (state % 26) as u8)
+        })
+        .collect();
+    body["entry"][0]["changes"][0]["value"]["messages"][0]["text"]["body"] = Value::String(text);
     serde_json::to_vec(&body).unwrap()
 }
 

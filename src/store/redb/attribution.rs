@@ -1,6 +1,9 @@
 //! The webhook journal and the attribution state in redb, and the unit of work the ingest rules
 //! run over. The keys are those of the sled store (`store/sled/attribution.rs`):
-//! - `journal`: sequence (8 bytes BE) → receive time (8 bytes BE) ++ raw body
+//! - `journal_v2` (layout 2): sequence (8 bytes BE) → receive time (8 bytes BE) ++ the raw body
+//!   as one zstd frame ([`super::super::layout::encode_journal_entry`])
+//! - `journal` (layout 1, a store from before layout 2 or carried over from sled): the same with
+//!   the body uncompressed; read, pruned, never written
 //! - `unparseable`: sequence → (), for bodies that are not webhooks
 //! - `unrouted`: phone number id, NUL, sequence → (), for bodies held for a number without account
 //! - `users`: account, user key → [`UserRecord`]
@@ -17,6 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redb::ReadTransaction;
 
+use super::super::layout::{decode_journal_entry, encode_journal_entry, journal_received_at};
 use super::unit::{TableName, Tx};
 use super::{be_i64, decode, encode, key, prefix, scan_prefix, table, Store, StoreError};
 use crate::attribution::{AutomaticEvent, Conversation};
@@ -28,6 +32,14 @@ use crate::store::{
 
 /// How many journal entries `prune_journal` reads at a time.
 const PRUNE_PAGE: usize = 512;
+
+/// Bodies up to this size are compressed on the caller's thread; larger ones on the blocking
+/// pool. Never on the writer, whose time every webhook of a batch waits for.
+const COMPRESS_INLINE_LIMIT: usize = 64 * 1024;
+
+/// The journal tables, oldest layout first: (table, whether its bodies are compressed).
+const JOURNALS: [(TableName, bool); 2] =
+    [(TableName::Journal, false), (TableName::JournalV2, true)];
 
 #[async_trait]
 impl AttributionStore for Store {
@@ -41,13 +53,19 @@ impl AttributionStore for Store {
         received_at: i64,
         apply: Option<UnitOfWork>,
     ) -> Result<(u64, IngestReport), StoreError> {
+        let entry = if raw.len() <= COMPRESS_INLINE_LIMIT {
+            encode_journal_entry(received_at, &raw)?
+        } else {
+            crate::telemetry::spawn_blocking_in_span(move || {
+                encode_journal_entry(received_at, &raw)
+            })
+            .await
+            .map_err(|_| StoreError::TaskGone)??
+        };
         let outcome = self
             .unit(move |tx| {
                 let seq = tx.next_journal_seq();
-                let mut entry = Vec::with_capacity(8 + raw.len());
-                entry.extend_from_slice(&received_at.to_be_bytes());
-                entry.extend_from_slice(&raw);
-                tx.insert(TableName::Journal, seq.to_be_bytes(), entry)?;
+                tx.insert(TableName::JournalV2, seq.to_be_bytes(), entry)?;
                 match apply {
                     Some(apply) => tx.undone_on_error(|tx| {
                         apply(&mut RedbUnit {
@@ -85,31 +103,8 @@ impl AttributionStore for Store {
                 }
             }
             let mut removed = 0u64;
-            let mut start = Vec::new();
-            'pages: loop {
-                let page = tx.range_from(TableName::Journal, &start, PRUNE_PAGE)?;
-                let Some((last, _)) = page.last() else {
-                    break;
-                };
-                start = last.clone();
-                start.push(0);
-                let full = page.len() == PRUNE_PAGE;
-                for (seq, entry) in page {
-                    let received_at = be_i64(&entry, "a journal entry")?;
-                    // Entries are in arrival order: the first young one ends the pass.
-                    if received_at >= cutoff || removed as usize >= limit {
-                        break 'pages;
-                    }
-                    if held.contains(&seq) {
-                        continue;
-                    }
-                    tx.remove(TableName::Journal, &seq)?;
-                    tx.remove(TableName::Unparseable, &seq)?;
-                    removed += 1;
-                }
-                if !full {
-                    break;
-                }
+            for (journal, _) in JOURNALS {
+                prune_table(tx, journal, cutoff, limit, &held, &mut removed)?;
             }
             Ok(removed)
         })
@@ -213,11 +208,41 @@ fn load_conversations(
     Ok(conversations)
 }
 
-fn journal_entry(entry: &[u8]) -> Result<JournaledWebhook, StoreError> {
-    Ok(JournaledWebhook {
-        received_at: be_i64(entry, "a journal entry")?,
-        body: entry[8..].to_vec(),
-    })
+/// Removes `journal`'s entries received before `cutoff` (arrival order: the first young one ends
+/// the pass) that are not held for a number without an account, with their `unparseable` marks,
+/// until `removed` reaches `limit`.
+fn prune_table(
+    tx: &mut Tx<'_>,
+    journal: TableName,
+    cutoff: i64,
+    limit: usize,
+    held: &std::collections::HashSet<Vec<u8>>,
+    removed: &mut u64,
+) -> Result<(), StoreError> {
+    let mut start = Vec::new();
+    loop {
+        let page = tx.range_from(journal, &start, PRUNE_PAGE)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        start = last.clone();
+        start.push(0);
+        let full = page.len() == PRUNE_PAGE;
+        for (seq, entry) in page {
+            if journal_received_at(&entry)? >= cutoff || *removed as usize >= limit {
+                return Ok(());
+            }
+            if held.contains(&seq) {
+                continue;
+            }
+            tx.remove(journal, &seq)?;
+            tx.remove(TableName::Unparseable, &seq)?;
+            *removed += 1;
+        }
+        if !full {
+            return Ok(());
+        }
+    }
 }
 
 /// The attribution state as one unit of work sees it: the batch's write transaction.
@@ -283,8 +308,11 @@ impl AttributionUnit for RedbUnit<'_, '_> {
         let mut held = Vec::new();
         for (held_key, _) in self.tx.scan_prefix(TableName::Unrouted, &held_prefix)? {
             let seq = &held_key[held_prefix.len()..];
-            if let Some(entry) = self.tx.get(TableName::Journal, seq)? {
-                held.push(journal_entry(&entry)?);
+            for (journal, compressed) in JOURNALS {
+                if let Some(entry) = self.tx.get(journal, seq)? {
+                    held.push(decode_journal_entry(&entry, compressed)?);
+                    break;
+                }
             }
             self.tx.remove(TableName::Unrouted, held_key)?;
         }
@@ -437,14 +465,98 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(error, StoreError::Corrupt(_)), "{error}");
-        assert_eq!(count(&store, TableName::Journal), 1);
+        assert_eq!(count(&store, TableName::JournalV2), 1);
         assert_eq!(count(&store, TableName::Conversations), 0);
         let (seq, _) = store
             .record_webhook(Bytes::from_static(b"not json"), 2, None)
             .await
             .unwrap();
         assert_eq!(seq, 1);
-        assert_eq!(count(&store, TableName::Journal), 2);
+        assert_eq!(count(&store, TableName::JournalV2), 2);
         assert_eq!(count(&store, TableName::Unparseable), 1);
+    }
+
+    #[tokio::test]
+    async fn a_layout_1_store_is_upgraded_and_its_uncompressed_journal_still_read_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        // Make it a layout-1 store, as sled's or an older build's: raw bodies in `journal`.
+        {
+            let db = redb::Database::open(dir.path().join(super::super::DATABASE_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(table(TableName::JournalV2)).unwrap();
+            {
+                let mut journal = txn.open_table(table(TableName::Journal)).unwrap();
+                for (seq, received_at, body) in [(0u64, 10i64, "held"), (1, 11, "old")] {
+                    let mut entry = received_at.to_be_bytes().to_vec();
+                    entry.extend_from_slice(body.as_bytes());
+                    journal
+                        .insert(seq.to_be_bytes().as_slice(), entry.as_slice())
+                        .unwrap();
+                }
+                let mut held = prefix(&["pn"]);
+                held.extend_from_slice(&0u64.to_be_bytes());
+                txn.open_table(table(TableName::Unrouted))
+                    .unwrap()
+                    .insert(held.as_slice(), [].as_slice())
+                    .unwrap();
+                let mut meta = txn.open_table(table(TableName::Meta)).unwrap();
+                meta.insert(super::super::LAYOUT_KEY, b"1".as_slice())
+                    .unwrap();
+                meta.insert(super::super::NEXT_SEQ_KEY, 2u64.to_be_bytes().as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let marker = std::fs::read_to_string(dir.path().join(crate::store::MARKER_FILE)).unwrap();
+        assert!(marker.contains("\"layoutVersion\":2"), "{marker}");
+        let (seq, _) = store
+            .record_webhook(Bytes::from_static(b"new"), 12, None)
+            .await
+            .unwrap();
+        assert_eq!(seq, 2);
+        assert_eq!(count(&store, TableName::Journal), 2);
+        assert_eq!(count(&store, TableName::JournalV2), 1);
+
+        // Pruning reaches both journals: the old uncompressed entry goes, the held one stays.
+        assert_eq!(store.prune_journal(20, 100).await.unwrap(), 2);
+        assert_eq!(count(&store, TableName::Journal), 1);
+        assert_eq!(count(&store, TableName::JournalV2), 0);
+        let (taken, given) = std::sync::mpsc::channel();
+        store
+            .attribution_unit(Box::new(move |unit| {
+                taken.send(unit.take_held_for_number("pn")?).unwrap();
+                Ok(IngestReport::default())
+            }))
+            .await
+            .unwrap();
+        let held = given.recv().unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(
+            (held[0].received_at, held[0].body.as_slice()),
+            (10, b"held".as_slice())
+        );
+    }
+
+    #[tokio::test]
+    async fn journal_bodies_are_stored_compressed_and_replayed_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let body = std::fs::read("fixtures/meta/wa_02_text_ctwa_referral.json").unwrap();
+        store
+            .record_webhook(Bytes::from(body.clone()), 5, None)
+            .await
+            .unwrap();
+        let read = store.inner.db.begin_read().unwrap();
+        let journal = read.open_table(table(TableName::JournalV2)).unwrap();
+        let entry = journal.get(0u64.to_be_bytes().as_slice()).unwrap().unwrap();
+        assert!(
+            entry.value().len() < 8 + body.len(),
+            "{} bytes",
+            entry.value().len()
+        );
+        let decoded = decode_journal_entry(entry.value(), true).unwrap();
+        assert_eq!((decoded.received_at, decoded.body), (5, body));
     }
 }

@@ -46,8 +46,14 @@ use unit::Tx;
 pub use open::{DATABASE_FILE, ENGINE};
 
 /// The on-disk layout this build reads and writes: sled's layout 1 (its key encodings and JSON
-/// records) in redb tables. Bump it with a migration when either changes.
-pub const LAYOUT_VERSION: u32 = 1;
+/// records) in redb tables, with new journal entries compressed in `journal_v2` (layout 2). A
+/// layout-1 store is upgraded when it opens ([`open`]); bump this with a migration when the
+/// layout changes again.
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// The layout of sled stores, which `migrate-store` copies as they are: a layout-2 store reads
+/// layout 1's tables.
+pub const SLED_LAYOUT_VERSION: u32 = 1;
 
 pub(crate) const LAYOUT_KEY: &[u8] = b"layout_version";
 /// The next journal sequence number (8 bytes big-endian), written with every batch that used one.

@@ -339,6 +339,17 @@ fn open_surveyed(path: &Path, survey: &Survey, cache_bytes: u64) -> Result<Datab
                 sync_directory(path)?;
             }
         }
+        Some(found) if found == "1" => {
+            upgrade_from_layout_1(&db)?;
+            tracing::info!(
+                path = %path.display(),
+                "the store's layout was upgraded from 1 to {LAYOUT_VERSION}: new webhooks are \
+                 journaled compressed (journal_v2); the uncompressed journal is read and pruned \
+                 as before"
+            );
+            write_marker(path)?;
+            sync_directory(path)?;
+        }
         Some(found) => {
             return Err(StoreError::LayoutVersion {
                 path: path.display().to_string(),
@@ -366,6 +377,21 @@ fn holds_data(db: &Database) -> Result<bool, StoreError> {
 /// Creates every table and the layout version in one durable commit.
 fn create_layout(db: &Database) -> Result<(), StoreError> {
     let txn = db.begin_write()?;
+    for name in TableName::ALL {
+        txn.open_table(table(name))?;
+    }
+    txn.open_table(table(TableName::Meta))?
+        .insert(LAYOUT_KEY, LAYOUT_VERSION.to_string().as_bytes())?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// Layout 1 → 2 in one durable commit: creates the tables layout 2 adds (`journal_v2`) and
+/// records the new version. Layout 2 reads layout 1's `journal` as it is, so nothing is
+/// rewritten; a crash before the commit leaves layout 1, which the next start upgrades again.
+fn upgrade_from_layout_1(db: &Database) -> Result<(), StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_quick_repair(true);
     for name in TableName::ALL {
         txn.open_table(table(name))?;
     }
@@ -429,7 +455,7 @@ mod tests {
             .unwrap();
         let marker = std::fs::read_to_string(fresh.join(MARKER_FILE)).unwrap();
         assert!(marker.contains("\"engine\":\"redb-3\""), "{marker}");
-        assert!(marker.contains("\"layoutVersion\":1"), "{marker}");
+        assert!(marker.contains("\"layoutVersion\":2"), "{marker}");
         let empty = tempfile::tempdir().unwrap();
         std::fs::create_dir(empty.path().join("lost+found")).unwrap();
         RedbStore::open(empty.path()).unwrap();

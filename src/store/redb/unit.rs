@@ -51,6 +51,7 @@ pub(crate) enum TableName {
     Messages,
     PendingEvents,
     Journal,
+    JournalV2,
     Unrouted,
     Unparseable,
     ConversionRecords,
@@ -60,7 +61,7 @@ pub(crate) enum TableName {
 }
 
 impl TableName {
-    pub(crate) const ALL: [TableName; 18] = [
+    pub(crate) const ALL: [TableName; 19] = [
         TableName::Meta,
         TableName::Accounts,
         TableName::AccountByPhoneNumberId,
@@ -73,6 +74,7 @@ impl TableName {
         TableName::Messages,
         TableName::PendingEvents,
         TableName::Journal,
+        TableName::JournalV2,
         TableName::Unrouted,
         TableName::Unparseable,
         TableName::ConversionRecords,
@@ -80,6 +82,11 @@ impl TableName {
         TableName::ConversionByConversation,
         TableName::Outbox,
     ];
+
+    /// True for the tables of layout 1 (sled's trees), false for those layout 2 added.
+    pub(crate) fn in_layout_1(self) -> bool {
+        self != TableName::JournalV2
+    }
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -95,6 +102,7 @@ impl TableName {
             TableName::Messages => "messages",
             TableName::PendingEvents => "pending_events",
             TableName::Journal => "journal",
+            TableName::JournalV2 => "journal_v2",
             TableName::Unrouted => "unrouted",
             TableName::Unparseable => "unparseable",
             TableName::ConversionRecords => "conversion_records",
