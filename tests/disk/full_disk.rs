@@ -227,7 +227,15 @@ struct NearlyFull {
     after_growth: Verdict,
 }
 
-async fn nearly_full_once(run: usize, guard: bool, broken: &mut Violations) -> NearlyFull {
+/// One restart on a nearly full disk: after a clean stop, or (`crash`) after SIGKILL under load,
+/// so that the store opens dirty (redb then needs its repair; quick repair, when the last commit
+/// saved the allocator state, writes nothing new).
+async fn nearly_full_once(
+    run: usize,
+    guard: bool,
+    crash: bool,
+    broken: &mut Violations,
+) -> NearlyFull {
     let min_free = if guard { "1" } else { "0" };
     let env = small_disk_env(min_free);
     let mut image = image(SMALL_MIB, "");
@@ -236,9 +244,18 @@ async fn nearly_full_once(run: usize, guard: bool, broken: &mut Violations) -> N
     register_sample_account(&server).await;
     let load = Load::start(&server, 50);
     load.wait_for_acks(3000, Duration::from_secs(30)).await;
-    let clicks = load.stop().await.clicks();
-    let (exit, exited) = stop_gracefully(&mut server).await;
-    assert!(exited, "SIGTERM before the disk filled: {exit}");
+    let clicks = match crash {
+        true => {
+            server.kill_hard().await;
+            load.stop().await.clicks()
+        }
+        false => {
+            let clicks = load.stop().await.clicks();
+            let (exit, exited) = stop_gracefully(&mut server).await;
+            assert!(exited, "SIGTERM before the disk filled: {exit}");
+            clicks
+        }
+    };
     drop(server);
 
     let _fillers = image.fill_leaving(48 << 10);
@@ -283,9 +300,10 @@ async fn nearly_full_once(run: usize, guard: bool, broken: &mut Violations) -> N
     .await;
     let after_growth_readyz = after_growth.readyz;
     println!(
-        "run {run} ({}, CTWA_MIN_FREE_MB={min_free}): {} acked, clean stop; restart with {} KiB free: {at_restart_line}{nearly_full_line}; after resize2fs to 256 MiB: {}",
+        "run {run} ({}, CTWA_MIN_FREE_MB={min_free}): {} acked, {}; restart with {} KiB free: {at_restart_line}{nearly_full_line}; after resize2fs to 256 MiB: {}",
         crate::server::store_engine_name(),
         clicks.len(),
+        if crash { "SIGKILL under load" } else { "clean stop" },
         free >> 10,
         after_growth.line()
     );
@@ -342,20 +360,26 @@ async fn nearly_full_disk_at_restart() {
     let started = Instant::now();
     let mut paragraphs = Vec::new();
     let mut broken = Violations::default();
-    for guard in [true, false] {
+    // sled only after a clean stop, as before; redb after SIGKILL too.
+    let mut passes = vec![(true, false), (false, false)];
+    if on_redb() {
+        passes.push((true, true));
+    }
+    for (guard, crash) in passes {
         let (mut at_restart, mut after_growth) = (Tally::default(), Tally::default());
         for run in 1..=runs {
-            let outcome = nearly_full_once(run, guard, &mut broken).await;
+            let outcome = nearly_full_once(run, guard, crash, &mut broken).await;
             at_restart.add(outcome.at_restart);
             after_growth.add(outcome.after_growth);
         }
         paragraphs.push(format!(
             "{}: restart with 32–64 KiB free: {}; then the image grown to 256 MiB (resize2fs) and restarted: {}.",
-            match (guard, on_redb()) {
-                (true, false) => "With the start-up free-space check (CTWA_MIN_FREE_MB=1)",
-                (false, false) => "Without it (CTWA_MIN_FREE_MB=0, sled on its own)",
-                (true, true) => "With CTWA_MIN_FREE_MB=1 (redb: a warning and /readyz 503, no refusal)",
-                (false, true) => "With CTWA_MIN_FREE_MB=0",
+            match (guard, crash, on_redb()) {
+                (true, _, false) => "With the start-up free-space check (CTWA_MIN_FREE_MB=1)",
+                (false, _, false) => "Without it (CTWA_MIN_FREE_MB=0, sled on its own)",
+                (true, false, true) => "After a clean stop, with CTWA_MIN_FREE_MB=1 (redb: a warning and /readyz 503, no refusal)",
+                (false, false, true) => "After a clean stop, with CTWA_MIN_FREE_MB=0",
+                (_, true, true) => "After SIGKILL under load (the store opens dirty), with CTWA_MIN_FREE_MB=1",
             },
             at_restart.sentence(),
             after_growth.sentence()
@@ -364,7 +388,7 @@ async fn nearly_full_disk_at_restart() {
     print_summary(
         TEST,
         &format!(
-            "Nearly full disk at restart ({}): a {SMALL_MIB} MiB ext4 file system over a loop device, a store written under load and cleanly stopped, then filled \
+            "Nearly full disk at restart ({}): a {SMALL_MIB} MiB ext4 file system over a loop device, a store written under load and stopped, then filled \
              to leave 32–64 KiB free; {runs} run(s) each way. {} Took {:.0} s.",
             crate::server::store_engine_name(),
             paragraphs.join(" "),
