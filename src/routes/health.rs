@@ -6,15 +6,16 @@ use crate::error::{ApiError, Code};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// Alive unless the store failed a write or flush and a fresh probe still fails: sled 0.34 keeps
-/// an I/O error for good, so a supervisor restarting the process is the way back.
+/// Alive unless the store failed and cannot heal by itself: sled 0.34 keeps an I/O error for
+/// good, and redb heals by opening its file again unless that fails for another reason than
+/// space (a read-only file system); then a supervisor restarting the process is the way back.
 #[utoipa::path(
     get,
     path = "/healthz",
     tag = "operations",
     responses(
         (status = 200, description = "Alive: `{\"status\": \"ok\"}`.", body = StatusBody),
-        (status = 503, description = "The store failed and still cannot write (`store_failed`); restart the process once the disk is writable.", body = ErrorBody),
+        (status = 503, description = "The store failed and cannot heal by itself (`store_failed`): sled after any disk error, redb when its file cannot be opened again; restart the process once the disk is writable.", body = ErrorBody),
     ),
 )]
 pub async fn healthz(store: web::Data<Store>) -> Result<HttpResponse, ApiError> {
@@ -34,7 +35,7 @@ pub async fn healthz(store: web::Data<Store>) -> Result<HttpResponse, ApiError> 
     tag = "operations",
     responses(
         (status = 200, description = "Ready: `{\"status\": \"ready\"}`.", body = StatusBody),
-        (status = 503, description = "The store cannot write, flush and read back (`store_unavailable`).", body = ErrorBody),
+        (status = 503, description = "The store cannot write, flush and read back, or its disk has less free space than `CTWA_MIN_FREE_MB` (`store_unavailable`).", body = ErrorBody),
     ),
 )]
 pub async fn readyz(store: web::Data<Store>) -> Result<HttpResponse, ApiError> {
