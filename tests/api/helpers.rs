@@ -69,12 +69,12 @@ pub fn test_settings(data_dir: &Path, graph_url: &str) -> Settings {
     }
 }
 
-/// The engine the tests run the store on: `CTWA_TEST_STORE_ENGINE`, `sled` (the default) or
-/// `redb`.
+/// The engine the tests run the store on: `CTWA_TEST_STORE_ENGINE`, `redb` (the default, as
+/// for a new data directory in production) or `sled`.
 pub fn store_engine() -> StoreEngine {
     match std::env::var("CTWA_TEST_STORE_ENGINE").as_deref() {
-        Err(_) | Ok("sled") => StoreEngine::Sled,
-        Ok("redb") => StoreEngine::Redb,
+        Err(_) | Ok("redb") => StoreEngine::Redb,
+        Ok("sled") => StoreEngine::Sled,
         Ok(other) => panic!("CTWA_TEST_STORE_ENGINE={other}: expected sled or redb"),
     }
 }

@@ -2,7 +2,7 @@
 //! itself) while webhooks arrive; then the space is freed. And a restart on a nearly full disk
 //! (32–64 KiB free), then the disk grown with `resize2fs`.
 //!
-//! On redb (`CTWA_TEST_STORE_ENGINE=redb`) the harness asserts more than on sled: the store
+//! On redb (the default; `CTWA_TEST_STORE_ENGINE=sled` for sled) the harness asserts more than on sled: the store
 //! opens on the nearly full disk with every acknowledged webhook, serves lookups and stays alive
 //! while writes fail, acknowledges nothing it did not make durable, and after the full disk it
 //! takes webhooks again once space is freed, without a restart (`/healthz` and `/readyz` 200).
@@ -15,7 +15,7 @@ use crate::load::{register_sample_account, server_env, status_of, survey, Click,
 use crate::reopen::{reopen, stop_gracefully, Tally, Verdict};
 use crate::server::RunningServer;
 use crate::{
-    can_run, image, print_summary, Level, Violations, ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE,
+    can_run, engine_keeps_every_acknowledged_write, image, print_summary, Level, Violations,
 };
 
 const SMALL_MIB: u64 = 48;
@@ -35,9 +35,9 @@ fn on_redb() -> bool {
 }
 
 /// Every acknowledged webhook must be there after the fault: redb keeps them; sled only once
-/// `ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE` says so.
+/// `engine_keeps_every_acknowledged_write` says so.
 fn keeps_every_acknowledged_write() -> bool {
-    ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE || on_redb()
+    engine_keeps_every_acknowledged_write()
 }
 
 /// The environment for a small disk: the free-space check at start-up set below what a 48 MiB

@@ -13,7 +13,7 @@ use crate::load::{register_sample_account, server_env, Click, Load};
 use crate::reopen::{reopen, stop_gracefully, Tally, Verdict};
 use crate::server::RunningServer;
 use crate::{
-    can_run, image, print_summary, Level, Violations, ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE,
+    can_run, engine_keeps_every_acknowledged_write, image, print_summary, Level, Violations,
 };
 
 /// How long an "old" store stays idle between its clean close and the next load.
@@ -157,7 +157,7 @@ async fn power_cut_during_webhook_load() {
         broken.check(acked_after_cut == 0, || {
             format!("cut {cut}: {acked_after_cut} requests sent after the cut answered 200")
         });
-        if ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE {
+        if engine_keeps_every_acknowledged_write() {
             broken.check(reopened.verdict == Verdict::Kept, || {
                 format!("cut {cut}: {}", reopened.line())
             });

@@ -13,7 +13,7 @@ use crate::load::{register_sample_account, server_env, status_of, Load};
 use crate::reopen::{reopen, stop_gracefully, Tally, Verdict};
 use crate::server::RunningServer;
 use crate::{
-    can_run, image, print_summary, Level, Violations, ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE,
+    can_run, engine_keeps_every_acknowledged_write, image, print_summary, Level, Violations,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,7 +101,7 @@ async fn read_only_file_system_mid_load() {
                 reopened.line()
             )
         });
-        if ENGINE_KEEPS_EVERY_ACKNOWLEDGED_WRITE {
+        if engine_keeps_every_acknowledged_write() {
             broken.check(reopened.verdict == Verdict::Kept, || {
                 format!("run {run}: {}", reopened.line())
             });

@@ -90,9 +90,10 @@ fn drain_lines(
     });
 }
 
-/// The engine the server runs its store on: `CTWA_TEST_STORE_ENGINE` (`sled` by default).
+/// The engine the server runs its store on: `CTWA_TEST_STORE_ENGINE` (`redb` by default, as for
+/// a new data directory in production).
 pub fn store_engine_name() -> String {
-    std::env::var("CTWA_TEST_STORE_ENGINE").unwrap_or_else(|_| "sled".into())
+    std::env::var("CTWA_TEST_STORE_ENGINE").unwrap_or_else(|_| "redb".into())
 }
 
 impl RunningServer {
