@@ -256,6 +256,13 @@ async fn a_directory_of_other_files_is_not_turned_into_a_store() {
     assert!(!data_dir.path().join("db").exists());
 }
 
+/// The relay on `data_dir` with `CTWA_MIN_FREE_MB` at 1 TiB: more than any test machine has free.
+fn relay_wanting_more_free_space_than_any_disk(data_dir: &Path) -> Command {
+    let mut command = relay(data_dir);
+    command.env("CTWA_MIN_FREE_MB", "1048576");
+    command
+}
+
 #[tokio::test]
 async fn too_little_free_space_is_refused_before_sled_writes_anything() {
     if !runs_on(
@@ -265,9 +272,7 @@ async fn too_little_free_space_is_refused_before_sled_writes_anything() {
         return;
     }
     let data_dir = tempfile::tempdir().unwrap();
-    let mut command = relay(data_dir.path());
-    // 1 TiB: more than any test machine has free.
-    command.env("CTWA_MIN_FREE_MB", "1048576");
+    let command = relay_wanting_more_free_space_than_any_disk(data_dir.path());
 
     assert_refused(
         command,
@@ -294,23 +299,13 @@ async fn too_little_free_space_opens_redb_and_fails_readiness_with_the_reason() 
     }
     let data_dir = tempfile::tempdir().unwrap();
     create_store(data_dir.path()).await;
-    let mut command = relay(data_dir.path());
-    // 1 TiB: more than any test machine has free.
-    command.env("CTWA_MIN_FREE_MB", "1048576");
+    let command = relay_wanting_more_free_space_than_any_disk(data_dir.path());
     let mut relay = Relay::spawn(command);
     let address = relay.address().await;
     let client = reqwest::Client::new();
-    let healthz = client
-        .get(format!("{address}/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let healthz = get(&client, &address, "/healthz").await;
     assert_eq!(healthz.status(), 200);
-    let readyz = client
-        .get(format!("{address}/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let readyz = get(&client, &address, "/readyz").await;
     assert_eq!(readyz.status(), 503);
     let body: Value = readyz.json().await.unwrap();
     assert_eq!(body["code"], "store_unavailable");
@@ -431,11 +426,7 @@ async fn a_failed_store_fails_healthz_and_sigterm_still_exits_0() {
     let mut relay = Relay::spawn(relay_with_file_size_limit(data_dir.path(), 4096, false));
     let address = relay.address().await;
     let client = reqwest::Client::new();
-    let healthz = client
-        .get(format!("{address}/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let healthz = get(&client, &address, "/healthz").await;
     assert_eq!(healthz.status(), 200);
 
     fill_until_refused(&client, &address).await;
@@ -447,21 +438,13 @@ async fn a_failed_store_fails_healthz_and_sigterm_still_exits_0() {
 
     // sled keeps the error for good: the liveness probe fails, so a supervisor restarts it.
     for _ in 0..3 {
-        let healthz = client
-            .get(format!("{address}/healthz"))
-            .send()
-            .await
-            .unwrap();
+        let healthz = get(&client, &address, "/healthz").await;
         assert_eq!(healthz.status(), 503);
         let body: Value = healthz.json().await.unwrap();
         assert_eq!(body["code"], "store_failed");
         assert!(body["error"].as_str().unwrap().contains("restart"));
     }
-    let ready = client
-        .get(format!("{address}/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let ready = get(&client, &address, "/readyz").await;
     assert_eq!(ready.status(), 503);
 
     relay.terminate();
@@ -625,4 +608,9 @@ async fn the_default_engine_is_redb_for_a_new_directory_and_sled_for_a_sled_stor
     let marker = std::fs::read_to_string(sled_dir.path().join("ctwa-store.json")).unwrap();
     assert!(marker.contains("\"engine\":\"sled-"), "{marker}");
     assert!(!sled_dir.path().join("ctwa.redb").exists());
+}
+
+/// GET `path` on the relay at `address`.
+async fn get(client: &reqwest::Client, address: &str, path: &str) -> reqwest::Response {
+    client.get(format!("{address}{path}")).send().await.unwrap()
 }

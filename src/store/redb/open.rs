@@ -328,7 +328,7 @@ fn open_surveyed(path: &Path, survey: &Survey, cache_bytes: u64) -> Result<Datab
                     ),
                 ));
             }
-            create_layout(&db)?;
+            commit_layout(&db)?;
             write_marker(path)?;
             sync_directory(path)?;
         }
@@ -340,7 +340,7 @@ fn open_surveyed(path: &Path, survey: &Survey, cache_bytes: u64) -> Result<Datab
             }
         }
         Some(found) if found == "1" => {
-            upgrade_from_layout_1(&db)?;
+            commit_layout(&db)?;
             tracing::info!(
                 path = %path.display(),
                 "the store's layout was upgraded from 1 to {LAYOUT_VERSION}: new webhooks are \
@@ -374,22 +374,11 @@ fn holds_data(db: &Database) -> Result<bool, StoreError> {
     Ok(false)
 }
 
-/// Creates every table and the layout version in one durable commit.
-fn create_layout(db: &Database) -> Result<(), StoreError> {
-    let txn = db.begin_write()?;
-    for name in TableName::ALL {
-        txn.open_table(table(name))?;
-    }
-    txn.open_table(table(TableName::Meta))?
-        .insert(LAYOUT_KEY, LAYOUT_VERSION.to_string().as_bytes())?;
-    txn.commit()?;
-    Ok(())
-}
-
-/// Layout 1 → 2 in one durable commit: creates the tables layout 2 adds (`journal_v2`) and
-/// records the new version. Layout 2 reads layout 1's `journal` as it is, so nothing is
-/// rewritten; a crash before the commit leaves layout 1, which the next start upgrades again.
-fn upgrade_from_layout_1(db: &Database) -> Result<(), StoreError> {
+/// Creates every table this layout has (those that exist are kept) and records the layout
+/// version, in one durable commit: a new store's first commit, and the upgrade of a layout-1
+/// store. Layout 2 reads layout 1's `journal` as it is, so an upgrade rewrites nothing; a crash
+/// before the commit leaves the store as it was, and the next start does it again.
+fn commit_layout(db: &Database) -> Result<(), StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_quick_repair(true);
     for name in TableName::ALL {
